@@ -1,0 +1,198 @@
+"""The one train step and loop: sharded == single-device, every config end to end, resume."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from vljax import configlib, evaluate, metrics, sharding, train
+from vljax.checkpoint import load_exported_params
+from vljax.data import tokenizer as tokenizer_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs",
+                                                                             "*.py")))
+
+
+def tiny_config(name: str, *overrides: str):
+  config = configlib.load_config_file(os.path.join(ROOT, "configs", f"{name}.py:scale=tiny"))
+  return configlib.apply_overrides(config, list(overrides))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return tokenizer_lib.get_tokenizer(None)
+
+
+def _random_batches(config, n, seed=0):
+  rng = np.random.default_rng(seed)
+  size, length = config.data.image_size, config.data.max_len
+  return [{"image": rng.uniform(-1, 1, (config.batch_size, size, size, 3)).astype(np.float32),
+           "text": rng.integers(3, 40, (config.batch_size, length)).astype(np.int32),
+           "label": np.zeros((config.batch_size,), np.int32)} for _ in range(n)]
+
+
+def _train_steps(config, tokenizer, mesh, batches):
+  setup = train.build(config, tokenizer, mesh, epoch_size=None)
+  state = train.init_state(setup, config.seed)
+  step = train.make_train_step(setup, config.nan_policy)
+  rng = jax.random.key(1)
+  losses = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    for batch in batches:
+      state, m = step(state, sharding.global_batch_from_host(batch, mesh), rng)
+      losses.append(float(m["train/loss"]))
+  return losses, state, setup
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_sharded_step_equals_single_device(name, tokenizer):
+  config = tiny_config(name)
+  batches = _random_batches(config, 3)
+  one = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+  eight = sharding.make_mesh({"data": 2, "fsdp": 4})
+  losses_1, state_1, _ = _train_steps(config, tokenizer, one, batches)
+  losses_8, state_8, setup_8 = _train_steps(config, tokenizer, eight, batches)
+  np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+  assert losses_1[0] != losses_1[-1]  # the parameters really moved
+  # The attention key bias has an identically zero gradient (softmax is invariant to a shift
+  # shared by all keys), so Adam turns rounding noise into +-lr steps there in either layout.
+  flat_1 = dict(jax.tree_util.tree_flatten_with_path(state_1.params)[0])
+  compared = 0
+  for path, a in jax.tree_util.tree_flatten_with_path(state_8.params)[0]:
+    if "key" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path):
+      continue
+    np.testing.assert_allclose(np.asarray(a), np.asarray(flat_1[path]), rtol=1e-4, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+    compared += 1
+  assert compared > 20
+
+  # FSDP: weight matrices and their Adam moments are split over the fsdp axis, not replicated.
+  sharded = [(p, x) for p, x in jax.tree_util.tree_flatten_with_path(state_8.params)[0]
+             if "fsdp" in str(x.sharding.spec)]
+  assert len(sharded) > len(jax.tree.leaves(state_8.params)) // 2
+  _, kernel = sharded[0]
+  assert kernel.addressable_shards[0].data.size * 4 == kernel.size
+  moments = [x for x in jax.tree.leaves(state_8.opt_state)
+             if hasattr(x, "sharding") and "fsdp" in str(x.sharding.spec)]
+  assert len(moments) == 2 * len(sharded)  # mu and nu of every sharded parameter
+  assert setup_8.state_shardings.params is not None
+
+
+def test_nan_loss_stops_or_skips(tokenizer, monkeypatch, tmp_path):
+  make_iterator = train.make_iterator
+
+  def poisoned(config, source, tok):
+    inner = make_iterator(config, source, tok)
+
+    class Poisoned:
+      count = 0
+
+      def __next__(self):
+        self.count += 1
+        batch = next(inner)
+        if self.count == 3:
+          batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+        return batch
+
+      def get_state(self):
+        return inner.get_state()
+
+      def set_state(self, state):
+        inner.set_state(state)
+
+    return Poisoned()
+
+  monkeypatch.setattr(train, "make_iterator", poisoned)
+  config = tiny_config("siglip", "eval.every_steps=-1", "total_steps=5")
+  with pytest.raises(FloatingPointError, match="at step 3"):
+    train.run(config, str(tmp_path / "stop"))
+  saved = os.listdir(tmp_path / "stop" / "checkpoints")
+  assert "2" in saved and "4" not in saved  # nothing after the bad step was saved
+
+  config = tiny_config("siglip", "eval.every_steps=-1", "total_steps=5", "nan_policy=skip")
+  train.run(config, str(tmp_path / "skip"))
+  rows = metrics.read_metrics(str(tmp_path / "skip"))
+  assert [r["train/finite"] for r in rows] == [1.0, 1.0, 0.0, 1.0, 1.0]
+  assert all(np.isfinite(r["train/param_norm"]) for r in rows)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_runs_end_to_end(name, tmp_path):
+  workdir = str(tmp_path)
+  config = tiny_config(name, "eval.every_steps=0", "data.eval_examples=64")
+  final = train.run(config, workdir)
+  rows = metrics.read_metrics(workdir)
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+  for key in ("train/lr", "train/grad_norm", "train/scale", "perf/examples_per_s",
+              "perf/examples_per_s_per_device", "perf/step_time_s"):
+    assert key in train_rows[-1], key
+  eval_rows = [r for r in rows if "eval/zeroshot_top1" in r]
+  assert len(eval_rows) == 1 and eval_rows[0]["step"] == 4
+  for key in ("eval/i2t_recall@1", "eval/t2i_recall@5", "eval/i2t_recall@10"):
+    assert 0.0 <= eval_rows[0][key] <= 1.0
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+  exported = load_exported_params(os.path.join(workdir, "export"))
+  assert set(exported) >= {"img", "txt", "t"}
+
+  # Standalone evaluation of the same checkpoint reproduces the in-training numbers.
+  standalone = evaluate.evaluate(config, workdir)
+  for key, value in standalone.items():
+    assert value == pytest.approx(final[key], abs=1e-6), key
+
+
+def _cli(workdir, *extra):
+  return [sys.executable, "-m", "vljax.main",
+          f"--config={os.path.join(ROOT, 'configs', 'siglip.py')}:scale=tiny",
+          f"--workdir={workdir}", "--config.total_steps=300", "--config.checkpoint.every_steps=5",
+          "--config.eval.every_steps=-1", "--config.tensorboard=false", *extra]
+
+
+def _losses(workdir):
+  by_step = {}
+  for row in metrics.read_metrics(workdir):
+    if "train/loss" in row:
+      by_step[row["step"]] = row["train/loss"]  # a resumed run re-logs steps: keep the last
+  return by_step
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  env = dict(os.environ)
+  subprocess.run(_cli(straight), check=True, env=env, cwd=ROOT, capture_output=True,
+                 timeout=300)
+
+  proc = subprocess.Popen(_cli(killed), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpt_dir = os.path.join(killed, "checkpoints")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    saved = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(
+        ckpt_dir) else []
+    if saved and max(saved) >= 20:
+      break
+    time.sleep(0.01)  # polling for the file system, not waiting for time to pass
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before it was killed"
+  killed_at = max(_losses(killed))
+  assert killed_at < 300
+
+  subprocess.run(_cli(killed), check=True, env=env, cwd=ROOT, capture_output=True,
+                 timeout=300)
+  a, b = _losses(straight), _losses(killed)
+  assert sorted(a) == sorted(b) == list(range(1, 301))
+  for step in range(1, 301):
+    assert b[step] == a[step], f"step {step}: resumed {b[step]} != uninterrupted {a[step]}"
+  pa = load_exported_params(os.path.join(straight, "export"))
+  pb = load_exported_params(os.path.join(killed, "export"))
+  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
+    np.testing.assert_array_equal(x, y)

@@ -1,0 +1,176 @@
+"""Loading, overriding and validating ml_collections configs.
+
+A config is `configs/NAME.py:get_config(arg)`, selected as `configs/NAME.py[:k=v,k=v]`, then
+amended by `--config.a.b=value` overrides. Every mistake a user can make here (unknown key,
+wrong type, impossible mesh or batch) raises ConfigError naming the key and the fix, before
+anything is compiled.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config that cannot be used; the message names the key and the fix."""
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses a config-string argument "k=v,k2=v2" against typed defaults.
+
+  Values are converted to the type of their default; keys without a default are an error.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    if not item.strip():
+      continue
+    if "=" not in item:
+      raise ConfigError(f"Config argument {item!r} is not of the form key=value. "
+                        f"Valid keys: {', '.join(sorted(defaults))}.")
+    key, value = (s.strip() for s in item.split("=", 1))
+    if key not in defaults:
+      raise ConfigError(f"Unknown config argument {key!r}. Valid keys: "
+                        f"{', '.join(sorted(defaults))}.")
+    out[key] = _convert(value, defaults[key], f"config argument {key!r}")
+  return out
+
+
+def _convert(text: str, current: Any, where: str) -> Any:
+  """Converts `text` to the type of `current` (the value it replaces)."""
+  try:
+    if isinstance(current, bool):
+      lowered = text.lower()
+      if lowered in ("true", "1", "yes"):
+        return True
+      if lowered in ("false", "0", "no"):
+        return False
+      raise ValueError("expected true/false")
+    if isinstance(current, int):
+      return int(text)
+    if isinstance(current, float):
+      return float(text)
+    if isinstance(current, str):
+      return text
+    if isinstance(current, (tuple, list)):
+      value = ast.literal_eval(text)
+      if not isinstance(value, (tuple, list)):
+        value = (value,)
+      return type(current)(value)
+    # None or another type: take a Python literal, else the raw string.
+    try:
+      return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return text
+  except (ValueError, SyntaxError) as e:
+    raise ConfigError(f"{where}: cannot read {text!r} as {type(current).__name__} "
+                      f"(current value {current!r}): {e}") from None
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]` by calling its get_config(arg)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.exists(path):
+    raise ConfigError(f"Config file {path!r} does not exist (from --config={spec}).")
+  module_spec = importlib.util.spec_from_file_location(
+      f"vljax_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"Config file {path!r} has no get_config(arg) function.")
+  config = module.get_config(arg or None)
+  config.lock()
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """Applies "a.b.c=value" overrides; unknown keys and unreadable values raise ConfigError."""
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"Override {item!r} is not of the form --config.key=value.")
+    dotted, text = item.split("=", 1)
+    *parents, leaf = dotted.split(".")
+    node = config
+    walked = []
+    for name in parents + [leaf]:
+      if not isinstance(node, (ml_collections.ConfigDict, Mapping)) or name not in node:
+        valid = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict,
+                                                         Mapping)) else []
+        where = ".".join(walked) or "the top level"
+        raise ConfigError(f"Unknown config key 'config.{dotted}' (from --config.{item}): "
+                          f"{name!r} is not a key of {where}. Valid keys there: "
+                          f"{', '.join(valid)}.")
+      if name != leaf:
+        node = node[name]
+        walked.append(name)
+    value = _convert(text, node[leaf], f"--config.{dotted}")
+    with config.unlocked():
+      try:
+        node[leaf] = value
+      except TypeError as e:
+        raise ConfigError(f"--config.{dotted}={text}: {e}") from None
+  return config
+
+
+def steps_for(config: ml_collections.ConfigDict, prefix: str, global_batch: int,
+              epoch_size: int | None) -> int:
+  """Reads a duration given as `{prefix}_steps`, `{prefix}_examples` or `{prefix}_epochs`.
+
+  Exactly one of the three may be set (non-None); returns it in steps, rounded down.
+  """
+  given = {unit: config.get(f"{prefix}_{unit}") for unit in ("steps", "examples", "epochs")}
+  given = {k: v for k, v in given.items() if v is not None}
+  if len(given) != 1:
+    raise ConfigError(f"Set exactly one of config.{prefix}_steps, config.{prefix}_examples, "
+                      f"config.{prefix}_epochs (got {given or 'none'}).")
+  unit, value = next(iter(given.items()))
+  if unit == "steps":
+    return int(value)
+  if unit == "examples":
+    return int(value) // global_batch
+  if not epoch_size:
+    raise ConfigError(f"config.{prefix}_epochs needs a finite dataset size; use "
+                      f"config.{prefix}_steps or config.{prefix}_examples instead.")
+  return int(value * epoch_size) // global_batch
+
+
+def base_train_config() -> ml_collections.ConfigDict:
+  """Trainer settings shared by every family; a config file fills in model, loss and recipe."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.objective = ""
+  c.model = ml_collections.ConfigDict()
+  c.loss = ml_collections.ConfigDict()
+  c.dtype = "float32"
+
+  c.data = ml_collections.ConfigDict(dict(
+      train="synthetic", eval="synthetic", image_size=224, max_len=64, seed=0,
+      eval_examples=512, worker_count=0))
+  c.tokenizer = ml_collections.ConfigDict(dict(path=""))  # "" = train one on synthetic captions
+
+  c.batch_size = 32768  # global
+  c.total_steps = None  # set exactly one of total_steps / total_examples / total_epochs
+  c.total_examples = None
+  c.total_epochs = None
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, wd=1e-4, clip_norm=1.0,
+      schedule="cosine", end_lr_frac=0.0, rsqrt_timescale=10_000,
+      warmup_steps=None, warmup_examples=None, warmup_epochs=None,
+      freeze=[], lr_mults=[]))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.sharding = ml_collections.ConfigDict(dict(rules=None))  # None: vljax.sharding.DEFAULT_RULES
+
+  c.log_every_steps = 50
+  c.tensorboard = True
+  c.nan_policy = "stop"  # or "skip": drop the update of a step whose loss/grad is not finite
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
+  c.eval = ml_collections.ConfigDict(dict(every_steps=5000, batch_size=512))
+  return c

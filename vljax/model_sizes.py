@@ -1,0 +1,35 @@
+"""Size presets shared by the config files: 'paper' recipes and small laptop/test variants."""
+from __future__ import annotations
+
+# Small two-tower sizes for the embedded synthetic data. 'laptop' is what the README command
+# trains on a 2-core CPU in a few minutes; 'tiny' compiles in seconds for tests.
+SMALL_TWO_TOWERS = {
+    "laptop": dict(image_size=32, patch=8, width=128, depth=4, mlp_dim=512, heads=4,
+                   max_len=24, embed_dim=128, batch_size=128, total_steps=600,
+                   warmup_steps=100, lr=1e-3, log_every=50, eval_every=300, ckpt_every=300),
+    "tiny": dict(image_size=16, patch=8, width=32, depth=1, mlp_dim=64, heads=2, max_len=8,
+                 embed_dim=32, batch_size=16, total_steps=4, warmup_steps=1, lr=1e-3,
+                 log_every=1, eval_every=-1, ckpt_every=2),
+}
+
+
+def small_two_towers(config, scale: str, image_pool: str, text_pool: str,
+                     causal: bool) -> None:
+  """Fills `config` (a base_train_config) with one of the SMALL_TWO_TOWERS sizes."""
+  s = SMALL_TWO_TOWERS[scale]
+  config.data.image_size = s["image_size"]
+  config.data.max_len = s["max_len"]
+  config.data.eval_examples = 512
+  tower = dict(width=s["width"], depth=s["depth"], mlp_dim=s["mlp_dim"], num_heads=s["heads"])
+  config.model.image = dict(tower, patch_size=(s["patch"], s["patch"]), posemb="learn",
+                            pool_type=image_pool)
+  config.model.text = dict(tower, causal=causal, pool_type=text_pool)
+  config.model.embed_dim = s["embed_dim"]
+  config.batch_size = s["batch_size"]
+  config.total_steps = s["total_steps"]
+  config.optim.warmup_steps = s["warmup_steps"]
+  config.optim.lr = s["lr"]
+  config.log_every_steps = s["log_every"]
+  config.eval.every_steps = s["eval_every"]
+  config.eval.batch_size = 256
+  config.checkpoint.every_steps = s["ckpt_every"]

@@ -1,0 +1,262 @@
+"""Shared transformer building blocks with logical-axis annotations.
+
+Every parameter is created through `nn.with_logical_partitioning`, so that
+`nn.get_partition_spec(jax.eval_shape(model.init, ...))` yields a PartitionSpec of logical names
+for every leaf (see vljax.sharding.LOGICAL_AXES); activations between blocks are constrained to
+('act_batch', 'act_len', 'act_embed'); the constraints are no-ops outside
+`nn.logical_axis_rules` (or without a mesh).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+Initializer = Callable[..., Array]
+
+# Logical names of activations between blocks.
+ACT_SEQ = ("act_batch", "act_len", "act_embed")
+
+
+def partitioned(init_fn: Initializer, names: Sequence[str | None]) -> Initializer:
+  """Wraps an initializer so that its parameter carries logical axis names."""
+  return nn.with_logical_partitioning(init_fn, tuple(names))
+
+
+def constrain(x: Array, names: Sequence[str | None]) -> Array:
+  """Constrains an activation's sharding by logical names (no-op without rules)."""
+  return nn.with_logical_constraint(x, tuple(names))
+
+
+def scalar_param(module: nn.Module, name: str, value: float,
+                 param_dtype: Dtype = jnp.float32) -> Array:
+  """A learnable scalar initialised to `value`, with (empty) logical partitioning metadata."""
+  init = partitioned(lambda _, shape, dtype: jnp.full(shape, value, dtype), ())
+  return module.param(name, init, (), param_dtype)
+
+
+def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm whose scale and bias are annotated with the 'embed' axis."""
+  return nn.LayerNorm(
+      dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=partitioned(nn.initializers.ones, ("embed",)),
+      bias_init=partitioned(nn.initializers.zeros, ("embed",)))
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
+                     dtype: Dtype = jnp.float32) -> Array:
+  """Fixed 2-D sin-cos position embedding, [1, h*w, width] (MoCo v3 / big_vision layout).
+
+  Channels are [sin(x*omega), cos(x*omega), sin(y*omega), cos(y*omega)], each width/4 wide, with
+  omega_i = temperature ** (-i / (width/4 - 1)); rows run over y then x (raster order).
+  """
+  if width % 4:
+    raise ValueError(f"sincos2d position embedding needs a width divisible by 4, got {width}.")
+  quarter = width // 4
+  y, x = np.mgrid[:h, :w]
+  omega = np.arange(quarter, dtype=np.float64) / max(quarter - 1, 1)
+  omega = 1.0 / (temperature ** omega)
+  y = np.einsum("m,d->md", y.reshape(-1).astype(np.float64), omega)
+  x = np.einsum("m,d->md", x.reshape(-1).astype(np.float64), omega)
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return jnp.asarray(pe, dtype)[None, :, :]
+
+
+class MlpBlock(nn.Module):
+  """Transformer MLP: Dense(mlp_dim) -> GELU -> dropout -> Dense(width)."""
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    width = x.shape[-1]
+    x = nn.Dense(
+        self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="Dense_0",
+        kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "mlp")),
+        bias_init=partitioned(nn.initializers.normal(stddev=1e-6), ("mlp",)))(x)
+    x = constrain(x, ("act_batch", "act_len", "act_mlp"))
+    x = nn.gelu(x)
+    x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
+    x = nn.Dense(
+        width, dtype=self.dtype, param_dtype=self.param_dtype, name="Dense_1",
+        kernel_init=partitioned(nn.initializers.xavier_uniform(), ("mlp", "embed")),
+        bias_init=partitioned(nn.initializers.normal(stddev=1e-6), ("embed",)))(x)
+    return constrain(x, ACT_SEQ)
+
+
+class DenseGeneral(nn.Module):
+  """Dense layer contracting the last `in_ndim` input dims into `features` (any rank).
+
+  flax's nn.DenseGeneral initialises a flattened kernel and unboxes it before reshaping, which
+  under a mesh and logical rules constrains the 2-D value with the N-D names and fails; this
+  version creates the kernel at its true shape (xavier fans over the contracted/output dims).
+  """
+  features: tuple[int, ...]
+  kernel_names: tuple[str | None, ...]
+  bias_names: tuple[str | None, ...]
+  in_ndim: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = x.shape[x.ndim - self.in_ndim:]
+    in_axes = tuple(range(self.in_ndim))
+    out_axes = tuple(range(self.in_ndim, self.in_ndim + len(self.features)))
+    kernel_init = nn.initializers.xavier_uniform(in_axis=in_axes, out_axis=out_axes)
+    kernel = self.param("kernel", partitioned(kernel_init, self.kernel_names),
+                        in_shape + tuple(self.features), self.param_dtype)
+    bias = self.param("bias", partitioned(nn.initializers.zeros, self.bias_names),
+                      tuple(self.features), self.param_dtype)
+    contract_x = tuple(range(x.ndim - self.in_ndim, x.ndim))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((contract_x, in_axes), ((), ())))
+    return y + bias.astype(self.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head dot-product attention with logically named q/k/v/out projections.
+
+  Attributes:
+    num_heads: number of heads; the input width must be divisible by it.
+    qkv_features: total q/k/v width (defaults to the query width).
+    out_features: output width (defaults to the query width).
+    dropout: attention-probability dropout rate (train only).
+  """
+  num_heads: int
+  qkv_features: int | None = None
+  out_features: int | None = None
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None,
+               train: bool = False) -> Array:
+    """Attends from inputs_q [B, Lq, D] to inputs_kv [B, Lk, Dkv].
+
+    Args:
+      inputs_q: queries.
+      inputs_kv: keys/values.
+      mask: optional boolean, broadcastable to [B, heads, Lq, Lk]; True = may attend.
+      train: enables dropout.
+
+    Returns:
+      [B, Lq, out_features].
+    """
+    features = self.qkv_features or inputs_q.shape[-1]
+    out_features = self.out_features or inputs_q.shape[-1]
+    if features % self.num_heads:
+      raise ValueError(f"Attention width {features} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+    head_dim = features // self.num_heads
+
+    def proj(name):
+      return DenseGeneral((self.num_heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"),
+                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    head_names = ("act_batch", "act_len", "act_heads", None)
+    q = constrain(proj("query")(inputs_q), head_names)
+    k = constrain(proj("key")(inputs_kv), head_names)
+    v = constrain(proj("value")(inputs_kv), head_names)
+
+    q = q / jnp.sqrt(head_dim).astype(q.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    # Softmax in float32 so that bf16 compute stays stable; a fully masked row becomes a uniform
+    # distribution (finite) rather than NaN, because masked logits are a large finite negative.
+    logits = logits.astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    probs = nn.Dropout(rate=self.dropout)(probs, deterministic=not train)
+    x = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    x = constrain(x, head_names)
+
+    return DenseGeneral((out_features,), ("heads", "kv", "embed"), ("embed",), in_ndim=2,
+                        dtype=self.dtype, param_dtype=self.param_dtype, name="out")(x)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN transformer block: x + Attn(LN(x)); x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None = None, train: bool = False) -> Array:
+    x = constrain(x, ACT_SEQ)
+    y = layer_norm(self.dtype, self.param_dtype, name="LayerNorm_0")(x)
+    y = MultiHeadAttention(
+        self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+        name="MultiHeadAttention_0")(y, y, mask, train)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+    x = constrain(x + y, ACT_SEQ)
+
+    y = layer_norm(self.dtype, self.param_dtype, name="LayerNorm_1")(x)
+    y = MlpBlock(self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="MlpBlock_0")(y, train)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+    return constrain(x + y, ACT_SEQ)
+
+
+class Encoder(nn.Module):
+  """A stack of pre-LN blocks followed by a final LayerNorm ('encoder_norm').
+
+  Attributes:
+    depth: number of blocks, named encoderblock_0 ... encoderblock_{depth-1}.
+    remat: recompute each block's activations in the backward pass (saves memory).
+  """
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dropout: float = 0.0
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None = None, train: bool = False) -> Array:
+    block_cls = EncoderBlock
+    if self.remat:
+      # Argument 3 (`train`, counting self as 0) selects Python control flow, so it is static.
+      block_cls = nn.remat(EncoderBlock, prevent_cse=False, static_argnums=(3,))
+    for i in range(self.depth):
+      x = block_cls(self.mlp_dim, self.num_heads, dropout=self.dropout, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name=f"encoderblock_{i}")(x, mask, train)
+    return layer_norm(self.dtype, self.param_dtype, name="encoder_norm")(x)
+
+
+class MAPHead(nn.Module):
+  """Multi-head attention pooling: a learned probe attends over the tokens, then LN + MLP.
+
+  Returns [B, D] for tokens [B, L, D]; `mask` [B, L] (True = real token) excludes keys.
+  """
+  num_heads: int
+  mlp_dim: int | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None = None) -> Array:
+    batch, _, width = x.shape
+    probe = self.param("probe",
+                       partitioned(nn.initializers.xavier_uniform(), (None, None, "embed")),
+                       (1, 1, width), self.param_dtype)
+    probe = jnp.tile(probe.astype(self.dtype), (batch, 1, 1))
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    x = MultiHeadAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="MultiHeadAttention_0")(probe, x, attn_mask)
+    x = constrain(x, ACT_SEQ)
+    y = layer_norm(self.dtype, self.param_dtype, name="LayerNorm_0")(x)
+    x = x + MlpBlock(self.mlp_dim or 4 * width, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="MlpBlock_0")(y)
+    return x[:, 0]

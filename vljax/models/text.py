@@ -1,0 +1,110 @@
+"""Text transformer encoder for the dual-encoder families."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vljax.models import layers
+
+Array = jax.Array
+Dtype = Any
+
+POOL_TYPES = ("last", "eos", "first", "map", "none")
+
+
+class TextTransformer(nn.Module):
+  """Token + learned position embedding, pre-LN encoder, final LN, pooling.
+
+  Positions holding `pad_id` are masked out as attention keys (and from MAP pooling), so real
+  tokens' outputs do not depend on how much padding follows them.
+
+  Attributes:
+    vocab_size: vocabulary size.
+    width, depth, mlp_dim, num_heads: transformer size.
+    max_len: maximum sequence length (size of the position embedding).
+    causal: use a causal (left-to-right) attention mask in addition to the padding mask.
+    pool_type: 'last' (last non-pad position), 'eos' (first eos_id, else last non-pad),
+      'first' (position 0), 'map' (attention pooling over non-pad tokens), 'none'.
+    pad_id: padding token id.
+    eos_id: end-of-sequence token id (for pool_type 'eos').
+    dropout: dropout rate inside the blocks (train only).
+    remat: rematerialise each block in the backward pass.
+  """
+  vocab_size: int
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  max_len: int
+  causal: bool = False
+  pool_type: str = "last"
+  pad_id: int = 0
+  eos_id: int = 1
+  dropout: float = 0.0
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Array, train: bool = False) -> tuple[Array | None, Array]:
+    """Encodes int tokens [B, L].
+
+    Returns:
+      (pooled [B, width] or None for pool_type 'none', sequence [B, L, width] after final LN).
+    """
+    if self.pool_type not in POOL_TYPES:
+      raise ValueError(f"Unknown pool_type {self.pool_type!r}; valid: {POOL_TYPES}.")
+    batch, length = tokens.shape
+    if length > self.max_len:
+      raise ValueError(f"Text length {length} exceeds max_len={self.max_len}.")
+
+    x = nn.Embed(
+        self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+        name="embedding",
+        embedding_init=layers.partitioned(nn.initializers.normal(stddev=0.02),
+                                          ("vocab", "embed")))(tokens)
+    pos = self.param(
+        "pos_embedding",
+        layers.partitioned(nn.initializers.normal(stddev=0.01), (None, None, "embed")),
+        (1, self.max_len, self.width), self.param_dtype)
+    x = x + pos[:, :length].astype(self.dtype)
+    x = layers.constrain(x, layers.ACT_SEQ)
+    x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
+
+    valid = tokens != self.pad_id  # [B, L]
+    # Each query may always attend to itself: a padding query then never sees an all-masked row
+    # (which would spread uniformly over every key, future ones included), and real queries are
+    # unaffected because their own key is real.
+    eye = jnp.eye(length, dtype=bool)
+    mask = valid[:, None, None, :] | eye[None, None]
+    if self.causal:
+      mask = mask & jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+
+    x = layers.Encoder(
+        self.depth, self.mlp_dim, self.num_heads, dropout=self.dropout, remat=self.remat,
+        dtype=self.dtype, param_dtype=self.param_dtype, name="Encoder_0")(x, mask, train)
+
+    positions = jnp.arange(length)
+    last = jnp.max(jnp.where(valid, positions[None], 0), axis=1)  # 0 for an all-pad row
+    if self.pool_type == "last":
+      pooled = _gather(x, last)
+    elif self.pool_type == "eos":
+      is_eos = tokens == self.eos_id
+      idx = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), last)
+      pooled = _gather(x, idx)
+    elif self.pool_type == "first":
+      pooled = x[:, 0]
+    elif self.pool_type == "map":
+      pooled = layers.MAPHead(self.num_heads, self.mlp_dim, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="MAPHead_0")(x, valid)
+    else:
+      pooled = None
+    return pooled, x
+
+
+def _gather(x: Array, idx: Array) -> Array:
+  """x[b, idx[b]] for x [B, L, D], idx [B]."""
+  return jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]

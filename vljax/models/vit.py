@@ -1,0 +1,136 @@
+"""Vision Transformer (ViT) image encoder, as used by the dual-encoder families."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vljax.models import layers
+
+Array = jax.Array
+Dtype = Any
+
+# name -> (width, depth, mlp_dim, num_heads)
+VARIANTS: dict[str, tuple[int, int, int, int]] = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+}
+
+POOL_TYPES = ("map", "tok", "gap", "none")
+POSEMB_TYPES = ("learn", "sincos2d")
+
+
+def decode_variant(variant: str) -> dict[str, Any]:
+  """Parses "B/16" into width/depth/mlp_dim/num_heads and patch_size=(16, 16).
+
+  A bare name ("B") gives no patch_size key.
+
+  Raises:
+    ValueError: unknown name or malformed patch size.
+  """
+  name, _, patch = variant.partition("/")
+  if name not in VARIANTS:
+    raise ValueError(f"Unknown model variant {variant!r}: valid names are "
+                     f"{list(VARIANTS)}, optionally followed by /PATCH (e.g. 'B/16').")
+  width, depth, mlp_dim, num_heads = VARIANTS[name]
+  out: dict[str, Any] = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+  if patch:
+    if not patch.isdigit() or int(patch) <= 0:
+      raise ValueError(f"Bad patch size in variant {variant!r}: expected e.g. 'B/16'.")
+    out["patch_size"] = (int(patch), int(patch))
+  return out
+
+
+class VisionTransformer(nn.Module):
+  """ViT: strided-conv patchify, position embedding, pre-LN encoder, final LN, pooling.
+
+  Attributes:
+    width, depth, mlp_dim, num_heads: transformer size (see VARIANTS).
+    patch_size: (ph, pw) patch size in pixels.
+    posemb: 'learn' (learned, normal(1/sqrt(width))) or 'sincos2d' (fixed).
+    pool_type: 'map' (attention pooling), 'tok' (class token), 'gap' (mean), 'none'.
+    dropout: dropout rate inside the blocks (train only).
+    remat: rematerialise each block in the backward pass.
+  """
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: tuple[int, int] = (16, 16)
+  posemb: str = "learn"
+  pool_type: str = "map"
+  dropout: float = 0.0
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: Array, train: bool = False) -> tuple[Array | None, Array]:
+    """Encodes images [B, H, W, C].
+
+    Returns:
+      (pooled [B, width] or None for pool_type 'none', tokens [B, n, width]) where tokens are
+      the patch tokens after the final LayerNorm (the class token excluded).
+    """
+    if self.pool_type not in POOL_TYPES:
+      raise ValueError(f"Unknown pool_type {self.pool_type!r}; valid: {POOL_TYPES}.")
+    if self.posemb not in POSEMB_TYPES:
+      raise ValueError(f"Unknown posemb {self.posemb!r}; valid: {POSEMB_TYPES}.")
+    _, h, w, _ = images.shape
+    ph, pw = self.patch_size
+    if h % ph or w % pw:
+      raise ValueError(f"Image size {h}x{w} is not a multiple of the patch size {ph}x{pw}.")
+
+    x = nn.Conv(
+        self.width, (ph, pw), strides=(ph, pw), padding="VALID", dtype=self.dtype,
+        param_dtype=self.param_dtype, name="embedding",
+        kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
+                                       (None, None, None, "embed")),
+        bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))(
+            images.astype(self.dtype))
+    b, gh, gw, c = x.shape
+    x = jnp.reshape(x, (b, gh * gw, c))
+
+    if self.posemb == "learn":
+      pos = self.param(
+          "pos_embedding",
+          layers.partitioned(nn.initializers.normal(stddev=1 / self.width ** 0.5),
+                             (None, None, "embed")),
+          (1, gh * gw, c), self.param_dtype)
+    else:
+      pos = layers.posemb_sincos_2d(gh, gw, c, dtype=self.dtype)
+    x = x + pos.astype(self.dtype)
+
+    if self.pool_type == "tok":
+      cls = self.param("cls",
+                       layers.partitioned(nn.initializers.zeros, (None, None, "embed")),
+                       (1, 1, c), self.param_dtype)
+      x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (b, 1, 1)), x], axis=1)
+    x = layers.constrain(x, layers.ACT_SEQ)
+    x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
+
+    x = layers.Encoder(
+        self.depth, self.mlp_dim, self.num_heads, dropout=self.dropout, remat=self.remat,
+        dtype=self.dtype, param_dtype=self.param_dtype, name="Transformer")(x, None, train)
+
+    if self.pool_type == "tok":
+      pooled, tokens = x[:, 0], x[:, 1:]
+    elif self.pool_type == "map":
+      tokens = x
+      pooled = layers.MAPHead(self.num_heads, self.mlp_dim, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="MAPHead_0")(x)
+    elif self.pool_type == "gap":
+      tokens = x
+      pooled = jnp.mean(x, axis=1)
+    else:
+      tokens, pooled = x, None
+    return pooled, tokens

@@ -1,0 +1,22 @@
+"""Training objectives: one per model family, all plugged into the one train step.
+
+An objective owns a flax model and exposes
+  init(rng, batch) -> params (boxed with logical partitioning metadata)
+  loss_fn(params, batch, rng) -> (scalar loss, {name: scalar metric})
+and, for contrastive families, embed_images / embed_texts for evaluation.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from vljax.configlib import ConfigError
+
+
+def make_objective(config: ml_collections.ConfigDict, tokenizer):
+  """Builds the objective named by config.objective."""
+  from vljax.objectives import two_towers  # pylint: disable=g-import-not-at-top
+  registry = {"two_towers": two_towers.TwoTowersObjective}
+  if config.objective not in registry:
+    raise ConfigError(f"config.objective={config.objective!r}; known objectives: "
+                      f"{sorted(registry)}.")
+  return registry[config.objective](config, tokenizer)

@@ -1,0 +1,332 @@
+"""The one train loop and the one jitted train step, for every model family.
+
+The family is an objective (vljax.objectives): the trainer owns the sharded state, gradients,
+the optimizer, metrics, checkpoints and evaluation, and never knows which family it trains.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vljax import checkpoint as ckpt_lib
+from vljax import configlib
+from vljax import metrics as metrics_lib
+from vljax import optim
+from vljax import sharding
+from vljax.configlib import ConfigError
+from vljax.data import pipeline as data_pipeline
+from vljax.data import sources
+from vljax.data import tokenizer as tokenizer_lib
+from vljax.objectives import make_objective
+
+NAN_POLICIES = ("stop", "skip")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> dict:
+  """Checks everything that can be checked before compiling. Returns the mesh shape."""
+  mesh_shape = sharding.mesh_shape(config.mesh, num_devices)
+  batch_devices = int(np.prod([mesh_shape[a] for a in sharding.BATCH_AXES]))
+  if config.batch_size <= 0 or config.batch_size % batch_devices:
+    raise ConfigError(
+        f"config.batch_size={config.batch_size} does not divide over the {batch_devices} "
+        f"data-parallel devices of config.mesh {mesh_shape}. Use a multiple of "
+        f"{batch_devices}, e.g. --config.batch_size={max(1, config.batch_size // batch_devices) * batch_devices}.")
+  if config.batch_size % process_count:
+    raise ConfigError(f"config.batch_size={config.batch_size} does not divide over "
+                      f"{process_count} processes.")
+  if config.nan_policy not in NAN_POLICIES:
+    raise ConfigError(f"config.nan_policy={config.nan_policy!r}; choose one of {NAN_POLICIES}.")
+  if config.dtype not in DTYPES:
+    raise ConfigError(f"config.dtype={config.dtype!r}; choose one of {sorted(DTYPES)}.")
+  if config.log_every_steps <= 0:
+    raise ConfigError(f"config.log_every_steps={config.log_every_steps} must be positive.")
+  if config.data.max_len <= 0 or config.data.image_size <= 0:
+    raise ConfigError("config.data.max_len and config.data.image_size must be positive.")
+  return mesh_shape
+
+
+def _opt_state_shardings(abstract_opt: Any, abstract_params: Any, param_shardings: Any,
+                         mesh: Mesh) -> Any:
+  """Optimizer-state leaves that mirror a parameter (Adam moments) take its sharding.
+
+  A leaf mirrors a parameter when a suffix of its tree path is that parameter's path and the
+  shapes agree; everything else (step counters) is replicated.
+  """
+  by_path = {}
+  flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  for (path, leaf), s in zip(flat_params, jax.tree.leaves(param_shardings)):
+    by_path[optim.param_path(path)] = (leaf.shape, s)
+
+  def pick(path, leaf):
+    parts = optim.param_path(path).split("/")
+    for start in range(len(parts)):
+      shape, s = by_path.get("/".join(parts[start:]), (None, None))
+      if s is not None and shape == leaf.shape:
+        return s
+    return NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map_with_path(pick, abstract_opt)
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from the config before the loop starts."""
+  mesh: Mesh
+  rules: Any
+  objective: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state_shardings: TrainState
+  abstract_state: TrainState
+  init_fn: Callable[[jax.Array], TrainState]
+  total_steps: int
+
+
+def build(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh,
+          epoch_size: int | None) -> Setup:
+  """Builds objective, optimizer and the sharded-state plan (nothing is allocated yet)."""
+  rules = sharding.rules_from_config(config.sharding.rules)
+  objective = make_objective(config, tokenizer)
+  total_steps = configlib.steps_for(config, "total", config.batch_size, epoch_size)
+  warmup_steps = configlib.steps_for(config.optim, "warmup", config.batch_size, epoch_size)
+  if total_steps <= 0:
+    raise ConfigError(f"Training is {total_steps} steps long; raise config.total_*.")
+  per_device = config.batch_size // (mesh.size)
+  dummy = {
+      "image": jax.ShapeDtypeStruct(
+          (per_device, config.data.image_size, config.data.image_size, 3), jnp.float32),
+      "text": jax.ShapeDtypeStruct((per_device, config.data.max_len), jnp.int32),
+  }
+  init_rng = jax.random.key(0)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(objective.init, init_rng, dummy)
+  param_shardings = sharding.logical_to_shardings(boxed, mesh, rules)
+  abstract_params = nn.meta.unbox(boxed)
+  tx, schedule = optim.make_optimizer(config.optim, abstract_params, total_steps, warmup_steps)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  state_shardings = TrainState(
+      step=NamedSharding(mesh, P()), params=param_shardings,
+      opt_state=_opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh))
+
+  def init_fn(rng):
+    params = nn.meta.unbox(objective.init(rng, {k: jnp.zeros(v.shape, v.dtype)
+                                                for k, v in dummy.items()}))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                 opt_state=abstract_opt), state_shardings)
+  return Setup(mesh, rules, objective, tx, schedule, state_shardings, abstract_state, init_fn,
+               total_steps)
+
+
+def init_state(setup: Setup, seed: int) -> TrainState:
+  """Creates the state directly in its sharded layout: nothing is materialised whole."""
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    return jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(jax.random.key(seed))
+
+
+def make_train_step(setup: Setup, nan_policy: str = "stop") -> Callable:
+  """The jitted train_step(state, batch, rng) -> (state, metrics), with donated state."""
+  objective, tx, schedule = setup.objective, setup.tx, setup.schedule
+
+  def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+    step_rng = jax.random.fold_in(rng, state.step)
+    (loss, aux), grads = jax.value_and_grad(objective.loss_fn, has_aux=True)(
+        state.params, batch, step_rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if nan_policy == "skip":
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
+               "train/lr": schedule(state.step), "train/finite": finite,
+               "train/param_norm": optax.tree.norm(params)}
+    metrics.update({f"train/{k}": v for k, v in aux.items()})
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  batch_shardings = {
+      "image": sharding.batch_sharding(setup.mesh, 4),
+      "text": sharding.batch_sharding(setup.mesh, 2),
+      "label": sharding.batch_sharding(setup.mesh, 1),
+  }
+  replicated = NamedSharding(setup.mesh, P())
+  return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_shardings, replicated),
+                 out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
+
+
+def compile_step(setup: Setup, step_fn: Callable, batch_size: int, image_size: int,
+                 max_len: int):
+  """Compiles the step ahead of the loop and logs XLA's memory analysis."""
+  batch = {
+      "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32),
+      "text": jax.ShapeDtypeStruct((batch_size, max_len), jnp.int32),
+      "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+  }
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+  start = time.time()
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    compiled = step_fn.lower(setup.abstract_state, batch, rng).compile()
+  logging.info("Compiled the train step in %.1f s.", time.time() - start)
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    mib = lambda b: b / 2**20
+    logging.info("Train step memory per device: arguments %.1f MiB, outputs %.1f MiB, "
+                 "temporaries %.1f MiB, generated code %.1f MiB.",
+                 mib(memory.argument_size_in_bytes), mib(memory.output_size_in_bytes),
+                 mib(memory.temp_size_in_bytes), mib(memory.generated_code_size_in_bytes))
+  flops = None
+  try:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", 0.0)) or None
+  except Exception:  # cost analysis is best-effort and backend-dependent
+    pass
+  return compiled, flops
+
+
+def _data_setup(config, tokenizer):
+  source = sources.get_source(config.data.train, "train", config.data.image_size,
+                              config.data.seed)
+  eval_source = sources.get_source(config.data.eval, "heldout", config.data.image_size,
+                                   config.data.seed)
+  return source, eval_source
+
+
+def make_iterator(config, source, tokenizer):
+  return data_pipeline.make_train_iterator(
+      source, tokenizer, batch_size=config.batch_size // jax.process_count(),
+      image_size=config.data.image_size, max_len=config.data.max_len, seed=config.data.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      worker_count=config.data.worker_count)
+
+
+def make_evaluator(config, objective, eval_source, tokenizer, mesh, rules):
+  """The evaluation suite for the config's eval data (None when config.eval.every_steps < 0)."""
+  from vljax import evals  # pylint: disable=g-import-not-at-top
+  eval_data = data_pipeline.load_eval_data(
+      eval_source, tokenizer, image_size=config.data.image_size, max_len=config.data.max_len,
+      num_examples=config.data.eval_examples)
+  class_prompts = sources.class_prompts(config.data.eval)
+  flat = [p for prompts in class_prompts for p in prompts]
+  if len({len(p) for p in class_prompts}) != 1:
+    raise ConfigError("Every class needs the same number of prompt templates.")
+  prompt_tokens = tokenizer.encode(flat, config.data.max_len)
+  return evals.ContrastiveEvaluator(objective, eval_data, prompt_tokens, len(class_prompts),
+                                    mesh, rules, batch_size=config.eval.batch_size)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) according to `config` in `workdir`; returns the last metrics."""
+  validate(config, jax.device_count(), jax.process_count())
+  mesh = sharding.make_mesh(config.mesh)
+  logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size,
+               jax.devices()[0].platform)
+  tokenizer = tokenizer_lib.get_tokenizer(config.tokenizer.path or None)
+  source, eval_source = _data_setup(config, tokenizer)
+  setup = build(config, tokenizer, mesh, epoch_size=len(source))
+  total = setup.total_steps
+
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard)
+  checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint.every_steps,
+                                       config.checkpoint.keep, config.checkpoint.async_save)
+  iterator = make_iterator(config, source, tokenizer)
+  restored = checkpointer.restore(setup.abstract_state)
+  if restored is None:
+    state = init_state(setup, config.seed)
+    start_step = 0
+  else:
+    start_step, state, data_state = restored
+    if data_state:
+      iterator.set_state(data_state)
+    logging.info("Resuming from step %d.", start_step)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  logging.info("Model has %.2fM parameters; training for %d steps.", n_params / 1e6, total)
+
+  step_fn = make_train_step(setup, config.nan_policy)
+  compiled, flops = compile_step(setup, step_fn, config.batch_size, config.data.image_size,
+                                 config.data.max_len)
+  evaluator = None
+  if config.eval.every_steps >= 0:
+    evaluator = make_evaluator(config, setup.objective, eval_source, tokenizer, mesh,
+                               setup.rules)
+  rng = jax.random.key(config.seed + 1)
+
+  last = {}
+  pending = None  # (step, finite flag) of the previous step, checked one step late
+  t_last, step_last = time.time(), start_step
+
+  def check_finite(step_and_flag):
+    step, flag, loss = step_and_flag
+    if not bool(flag):
+      if config.nan_policy == "stop":
+        raise FloatingPointError(
+            f"Non-finite loss or gradient at step {step} (loss={float(loss)}). The run stops "
+            f"without saving this step; set config.nan_policy='skip' to skip such updates.")
+      logging.warning("Skipped the update of step %d: non-finite loss or gradient.", step)
+
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+      for step in range(start_step + 1, total + 1):
+        host_batch = next(iterator)
+        batch = sharding.global_batch_from_host(host_batch, mesh)
+        state, step_metrics = compiled(state, batch, rng)
+        if pending is not None:
+          check_finite(pending)
+        pending = (step, step_metrics["train/finite"], step_metrics["train/loss"])
+        save_now = checkpointer.should_save(step) or step == total
+        if step % config.log_every_steps == 0 or step == total or save_now:
+          check_finite(pending)
+          pending = None
+        if step % config.log_every_steps == 0 or step == total:
+          now = time.time()
+          step_time = (now - t_last) / max(step - step_last, 1)
+          t_last, step_last = now, step
+          perf = {"perf/step_time_s": step_time,
+                  "perf/examples_per_s": config.batch_size / step_time,
+                  "perf/examples_per_s_per_device": config.batch_size / step_time / mesh.size}
+          if flops:
+            perf["perf/tflops_per_device"] = flops / step_time / 1e12
+          scalars = writer.write(step, {**step_metrics, **perf})
+          metrics_lib.log_progress(step, total, scalars)
+          last.update(scalars)
+        if save_now:
+          checkpointer.save(step, state, iterator.get_state())
+        eval_every = config.eval.every_steps
+        if evaluator is not None and (step == total or (eval_every > 0 and
+                                                        step % eval_every == 0)):
+          eval_metrics = evaluator(state.params)
+          writer.write(step, eval_metrics)
+          logging.info("eval at step %d: %s", step,
+                       ", ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())))
+          last.update(eval_metrics)
+          t_last = time.time()  # evaluation time is not step time
+  finally:
+    # Also on errors: an asynchronous save in flight must finish before the process moves on.
+    checkpointer.close()
+  ckpt_lib.export_params(workdir, state.params, config.to_json())
+  writer.close()
+  return last
