@@ -11,6 +11,27 @@ from vljax import configlib
 
 FLAGS = flags.DEFINE_string("config", None, "Config file, optionally with :k=v,... arguments.")
 WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
+COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for a multi-process run started by "
+    "hand (see launch/). TPU pods and SLURM jobs are detected without it.")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, n).")
+
+
+def init_distributed() -> None:
+  """Joins a multi-process run: explicit flags, or what jax detects (TPU pod, SLURM)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if NUM_PROCESSES.value is not None and NUM_PROCESSES.value > 1:
+    if COORDINATOR.value is None or PROCESS_ID.value is None:
+      raise app.UsageError("--num_processes needs --coordinator_address and --process_id.")
+    # CPU devices of several processes talk through gloo (no effect on GPU/TPU backends).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(COORDINATOR.value, num_processes=NUM_PROCESSES.value,
+                               process_id=PROCESS_ID.value)
+  elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    jax.distributed.initialize()
+  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    jax.distributed.initialize()
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -55,12 +76,12 @@ def run_app(main_fn) -> None:
     # Everything goes to WORKDIR/log.*; the console shows vljax's progress lines.
     logging.get_absl_handler().use_absl_log_file("log", WORKDIR.value)
     logging.set_verbosity(logging.INFO)
-    logging.set_stderrthreshold(logging.INFO)
     console = py_logging.StreamHandler(sys.stderr)
     console.setFormatter(py_logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     console.addFilter(_OwnInfoOnly())
     logging.set_stderrthreshold(logging.FATAL)  # the console handler below replaces it
     py_logging.getLogger().addHandler(console)
+    init_distributed()
     try:
       main_fn(config, WORKDIR.value)
     except configlib.ConfigError as e:

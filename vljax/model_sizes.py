@@ -1,6 +1,8 @@
 """Size presets shared by the config files: 'paper' recipes and small laptop/test variants."""
 from __future__ import annotations
 
+from vljax import configlib
+
 # Small two-tower sizes for the embedded synthetic data. 'laptop' is what the README command
 # trains on a 2-core CPU in a few minutes; 'tiny' compiles in seconds for tests.
 SMALL_TWO_TOWERS = {
@@ -16,6 +18,9 @@ SMALL_TWO_TOWERS = {
 def small_two_towers(config, scale: str, image_pool: str, text_pool: str,
                      causal: bool) -> None:
   """Fills `config` (a base_train_config) with one of the SMALL_TWO_TOWERS sizes."""
+  if scale not in SMALL_TWO_TOWERS:
+    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
+                                f"{', '.join(SMALL_TWO_TOWERS)}.")
   s = SMALL_TWO_TOWERS[scale]
   config.data.image_size = s["image_size"]
   config.data.max_len = s["max_len"]

@@ -30,6 +30,8 @@ def embed_all(embed_fn: Callable[[Any, jax.Array], jax.Array], params: Any, inpu
     if real < batch_size:
       pad = np.repeat(chunk[-1:], batch_size - real, axis=0)
       chunk = np.concatenate([chunk, pad], axis=0)
-    x = jax.device_put(chunk, sharding.batch_sharding(mesh, chunk.ndim))
+    # Every process holds the whole chunk and places the rows its devices own.
+    x = jax.make_array_from_callback(chunk.shape, sharding.batch_sharding(mesh, chunk.ndim),
+                                     lambda index, c=chunk: c[index])
     outputs.append(embed_fn(params, x)[:real])
   return jnp.concatenate(outputs, axis=0)

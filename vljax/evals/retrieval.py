@@ -1,10 +1,9 @@
 """Image<->text retrieval recall@k, computed with the queries sharded across devices."""
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vljax import sharding
@@ -12,7 +11,6 @@ from vljax import sharding
 RECALL_AT = (1, 5, 10)
 
 
-@jax.jit
 def _match_ranks(queries: jax.Array, keys: jax.Array) -> jax.Array:
   """Rank of key i among all keys for query i (0 = retrieved first).
 
@@ -27,13 +25,20 @@ def _match_ranks(queries: jax.Array, keys: jax.Array) -> jax.Array:
   return jnp.sum(ahead, axis=-1) - 1
 
 
-def ranks(queries: jax.Array, keys: jax.Array, mesh: Mesh) -> jax.Array:
-  """Sharded over the query rows; each device holds its rows × all keys of similarities."""
+@jax.jit
+def _recalls(queries: jax.Array, keys: jax.Array) -> jax.Array:
+  # Reduced on the devices, so every process can read the (replicated) result.
+  r = _match_ranks(queries, keys)
+  return jnp.stack([jnp.mean(r < k) for k in RECALL_AT])
+
+
+def recalls(queries: jax.Array, keys: jax.Array, mesh: Mesh) -> dict[int, float]:
+  """{k: recall@k}, sharded over the query rows: each device holds its rows × all keys."""
   n = queries.shape[0]
   axes = sharding.BATCH_AXES if n % mesh.size == 0 else None
   queries = jax.device_put(queries, NamedSharding(mesh, P(axes, None)))
   keys = jax.device_put(keys, NamedSharding(mesh, P()))
-  return _match_ranks(queries, keys)
+  return dict(zip(RECALL_AT, np.asarray(_recalls(queries, keys)).tolist()))
 
 
 def recall_metrics(zimg: jax.Array, ztxt: jax.Array, mesh: Mesh,
@@ -41,7 +46,6 @@ def recall_metrics(zimg: jax.Array, ztxt: jax.Array, mesh: Mesh,
   """i2t and t2i recall@{1,5,10} for paired embeddings (row i of each is a pair)."""
   out = {}
   for name, queries, keys in (("i2t", zimg, ztxt), ("t2i", ztxt, zimg)):
-    r = ranks(queries, keys, mesh)
-    for k in RECALL_AT:
-      out[f"{prefix}{name}_recall@{k}"] = float(jnp.mean(r < k))
+    for k, value in recalls(queries, keys, mesh).items():
+      out[f"{prefix}{name}_recall@{k}"] = value
   return out

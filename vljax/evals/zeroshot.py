@@ -13,10 +13,11 @@ def class_embeddings(prompt_embeddings: jax.Array, num_classes: int) -> jax.Arra
 
 
 @jax.jit
-def _predict(zimg: jax.Array, zcls: jax.Array) -> jax.Array:
-  return jnp.argmax(zimg @ zcls.T, axis=-1)
+def _accuracy(zimg: jax.Array, zcls: jax.Array, labels: jax.Array) -> jax.Array:
+  # Reduced on the devices: in a multi-process run the predictions are spread over hosts,
+  # while the mean is a replicated scalar every process can read.
+  return jnp.mean(jnp.argmax(zimg @ zcls.T, axis=-1) == labels)
 
 
 def top1(zimg: jax.Array, zcls: jax.Array, labels: np.ndarray) -> float:
-  predictions = np.asarray(_predict(zimg, zcls))
-  return float(np.mean(predictions == np.asarray(labels)))
+  return float(_accuracy(zimg, zcls, np.asarray(labels)))

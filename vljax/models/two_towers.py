@@ -50,41 +50,27 @@ def _head(embed_dim: int, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
       bias_init=layers.partitioned(nn.initializers.zeros, (None,)))
 
 
-class ImageTower(nn.Module):
-  """VisionTransformer ('encoder') + linear projection ('head') to embed_dim."""
+class Tower(nn.Module):
+  """An encoder ('encoder': ViT or text transformer) + linear projection ('head') to embed_dim."""
+  encoder_cls: type
   config: Mapping[str, Any]
   embed_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, images: Array, train: bool = False) -> tuple[Array, Array, Array]:
-    """Returns (projected [B, embed_dim], pooled [B, width], tokens [B, n, width])."""
+  def __call__(self, inputs: Array, train: bool = False) -> tuple[Array, Array, Array]:
+    """Returns (projected [B, embed_dim], pooled [B, width], sequence [B, n, width])."""
     kwargs = tower_kwargs(self.config, self.dtype, self.param_dtype)
-    if kwargs.get("pool_type") == "none":
-      raise ValueError("TwoTowers needs a pooled image embedding: pool_type 'none' is invalid.")
-    pooled, tokens = vit.VisionTransformer(**kwargs, name="encoder")(images, train)
-    return _head(self.embed_dim, self.dtype, self.param_dtype)(pooled), pooled, tokens
-
-
-class TextTower(nn.Module):
-  """TextTransformer ('encoder') + linear projection ('head') to embed_dim."""
-  config: Mapping[str, Any]
-  embed_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, tokens: Array, train: bool = False) -> tuple[Array, Array, Array]:
-    """Returns (projected [B, embed_dim], pooled [B, width], sequence [B, L, width])."""
-    kwargs = tower_kwargs(self.config, self.dtype, self.param_dtype)
-    if "patch_size" in kwargs:
+    kind = self.encoder_cls.__name__
+    if self.encoder_cls is text_lib.TextTransformer and "patch_size" in kwargs:
       raise ValueError(f"Text tower config has a patch size ({kwargs['patch_size']}); use a "
                        "bare variant name such as 'B'.")
     if kwargs.get("pool_type") == "none":
-      raise ValueError("TwoTowers needs a pooled text embedding: pool_type 'none' is invalid.")
-    pooled, seq = text_lib.TextTransformer(**kwargs, name="encoder")(tokens, train)
-    return _head(self.embed_dim, self.dtype, self.param_dtype)(pooled), pooled, seq
+      raise ValueError(f"TwoTowers needs a pooled embedding: pool_type 'none' is invalid for "
+                       f"the {kind}.")
+    pooled, sequence = self.encoder_cls(**kwargs, name="encoder")(inputs, train)
+    return _head(self.embed_dim, self.dtype, self.param_dtype)(pooled), pooled, sequence
 
 
 class TwoTowers(nn.Module):
@@ -121,14 +107,16 @@ class TwoTowers(nn.Module):
     out: dict[str, Any] = {}
     zimg = ztxt = None
     if images is not None:
-      proj, pooled, _ = ImageTower(self.image, self.embed_dim, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, name="img")(images, train)
+      proj, pooled, _ = Tower(vit.VisionTransformer, self.image, self.embed_dim,
+                              dtype=self.dtype, param_dtype=self.param_dtype,
+                              name="img")(images, train)
       out["img/pre_logits"] = pooled
       out["img/unnormed"] = proj
       zimg = l2_normalize(proj)
     if tokens is not None:
-      proj, pooled, _ = TextTower(self.text, self.embed_dim, dtype=self.dtype,
-                                  param_dtype=self.param_dtype, name="txt")(tokens, train)
+      proj, pooled, _ = Tower(text_lib.TextTransformer, self.text, self.embed_dim,
+                              dtype=self.dtype, param_dtype=self.param_dtype,
+                              name="txt")(tokens, train)
       out["txt/pre_logits"] = pooled
       out["txt/unnormed"] = proj
       ztxt = l2_normalize(proj)
