@@ -2,8 +2,9 @@
 
 Paper recipe (`scale=paper`): ViT-B/16 image tower with a class token at 224 px, a causal text
 transformer (width 512, 12 layers, 8 heads) pooled at the end-of-text token, 64 tokens of a 32k
-vocabulary, global batch 32k, learnable temperature initialised to 1/0.07, no bias; Adam with
-beta2=0.98, eps=1e-6, weight decay 0.2, 2k warmup steps, cosine decay, 32 epochs of 400M pairs.
+vocabulary, global batch 32k, learnable temperature initialised to 1/0.07 and capped at 100, no
+bias; Adam with beta2=0.98, eps=1e-6, weight decay 0.2, 2k warmup steps, cosine decay, 32 epochs
+of 400M pairs.
 
 Arguments (comma-separated k=v): scale=laptop|tiny|paper (default laptop), variant=B/16.
 """
@@ -16,6 +17,7 @@ def get_config(arg=None):
   c = configlib.base_train_config()
   c.objective = "two_towers"
   c.loss.kind = "softmax"
+  c.loss.max_scale = 100.0  # the paper clips the learned logit scale at 100
   c.model.temperature_init = 1 / 0.07
   c.model.bias_init = None
 

@@ -82,3 +82,15 @@ def test_cli_reports_config_errors_before_compiling(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_durations_in_steps_examples_or_epochs():
+  config = configlib.load_config_file(os.path.join(ROOT, "configs", "siglip.py"))
+  config.total_steps = None
+  config.total_examples = 1000
+  assert configlib.steps_for(config, "total", global_batch=64, epoch_size=None) == 15
+  config.total_examples = None
+  config.total_epochs = 2.5
+  assert configlib.steps_for(config, "total", global_batch=64, epoch_size=512) == 20
+  with pytest.raises(configlib.ConfigError, match="finite dataset size"):
+    configlib.steps_for(config, "total", global_batch=64, epoch_size=None)

@@ -1,6 +1,5 @@
 """The one train step and loop: sharded == single-device, every config end to end, resume."""
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 from vljax import configlib, evaluate, metrics, sharding, train
-from vljax.checkpoint import load_exported_params
+from vljax.checkpoint import CheckpointError, load_exported_params
 from vljax.data import tokenizer as tokenizer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,6 +148,18 @@ def test_config_runs_end_to_end(name, tmp_path):
   for key, value in standalone.items():
     assert value == pytest.approx(final[key], abs=1e-6), key
 
+  # A truncated checkpoint: a clear error naming it, and nothing is deleted or overwritten.
+  state_dir = os.path.join(workdir, "checkpoints", "4", "state")
+  for folder, _, files in os.walk(state_dir):
+    for name in files:
+      path = os.path.join(folder, name)
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+  with pytest.raises(CheckpointError, match=r"checkpoints/4 could not be restored.*Move it "
+                     r"aside"):
+    train.run(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
 
 def _cli(workdir, *extra):
   return [sys.executable, "-m", "vljax.main",
@@ -188,6 +199,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
   subprocess.run(_cli(killed), check=True, env=env, cwd=ROOT, capture_output=True,
                  timeout=300)
+  # The manager keeps the last config.checkpoint.keep (3) checkpoints.
+  assert sorted(os.listdir(ckpt_dir), key=int) == ["40", "50", "60"]
   a, b = _losses(straight), _losses(killed)
   assert sorted(a) == sorted(b) == list(range(1, 61))
   for step in range(1, 61):

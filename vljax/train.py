@@ -6,7 +6,6 @@ the optimizer, metrics, checkpoints and evaluation, and never knows which family
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from typing import Any, Callable
@@ -111,11 +110,12 @@ def build(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh,
   warmup_steps = configlib.steps_for(config.optim, "warmup", config.batch_size, epoch_size)
   if total_steps <= 0:
     raise ConfigError(f"Training is {total_steps} steps long; raise config.total_*.")
-  per_device = config.batch_size // (mesh.size)
+  # Parameter shapes do not depend on the batch; one row per device keeps the batch-sharding
+  # constraints inside the model evenly divisible while it is initialised.
   dummy = {
       "image": jax.ShapeDtypeStruct(
-          (per_device, config.data.image_size, config.data.image_size, 3), jnp.float32),
-      "text": jax.ShapeDtypeStruct((per_device, config.data.max_len), jnp.int32),
+          (mesh.size, config.data.image_size, config.data.image_size, 3), jnp.float32),
+      "text": jax.ShapeDtypeStruct((mesh.size, config.data.max_len), jnp.int32),
   }
   init_rng = jax.random.key(0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -39,6 +39,9 @@ class TwoTowersObjective:
     zimg, ztxt, out = self.model.apply({"params": params}, batch["image"], batch["text"],
                                        train=True, rngs={"dropout": rng})
     scale = out["scale"]
+    if self.loss_cfg.get("max_scale") is not None:
+      # CLIP caps the logit scale at 100 to keep training stable.
+      scale = jnp.minimum(scale, self.loss_cfg.max_scale)
     metrics = {"scale": scale}
     if self.loss_cfg.kind == "sigmoid":
       bias = out.get("bias")
