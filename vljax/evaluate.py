@@ -25,7 +25,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   train.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
   tokenizer = tokenizer_lib.get_tokenizer(config.tokenizer.path or None)
-  source, eval_source = train._data_setup(config, tokenizer)  # pylint: disable=protected-access
+  source, eval_source = train.data_sources(config)
   setup = train.build(config, tokenizer, mesh, epoch_size=len(source))
   checkpointer = ckpt_lib.Checkpointer(workdir, 0, 1, async_save=False)
   restored = checkpointer.restore(setup.abstract_state)

@@ -208,7 +208,8 @@ def compile_step(setup: Setup, step_fn: Callable, batch_size: int, image_size: i
   return compiled, flops
 
 
-def _data_setup(config, tokenizer):
+def data_sources(config):
+  """(train source, held-out source) named by config.data."""
   source = sources.get_source(config.data.train, "train", config.data.image_size,
                               config.data.seed)
   eval_source = sources.get_source(config.data.eval, "heldout", config.data.image_size,
@@ -225,7 +226,7 @@ def make_iterator(config, source, tokenizer):
 
 
 def make_evaluator(config, objective, eval_source, tokenizer, mesh, rules):
-  """The evaluation suite for the config's eval data (None when config.eval.every_steps < 0)."""
+  """The evaluation suite over the config's held-out data and class prompts."""
   from vljax import evals  # pylint: disable=g-import-not-at-top
   eval_data = data_pipeline.load_eval_data(
       eval_source, tokenizer, image_size=config.data.image_size, max_len=config.data.max_len,
@@ -246,7 +247,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size,
                jax.devices()[0].platform)
   tokenizer = tokenizer_lib.get_tokenizer(config.tokenizer.path or None)
-  source, eval_source = _data_setup(config, tokenizer)
+  source, eval_source = data_sources(config)
   setup = build(config, tokenizer, mesh, epoch_size=len(source))
   total = setup.total_steps
 
@@ -323,7 +324,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           logging.info("eval at step %d: %s", step,
                        ", ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())))
           last.update(eval_metrics)
-          t_last = time.time()  # evaluation time is not step time
+          t_last, step_last = time.time(), step  # evaluation time is not step time
   finally:
     # Also on errors: an asynchronous save in flight must finish before the process moves on.
     checkpointer.close()
