@@ -25,8 +25,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   train.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
   tokenizer = tokenizer_lib.get_tokenizer(config.tokenizer.path or None)
-  source, eval_source = train.data_sources(config)
-  setup = train.build(config, tokenizer, mesh, epoch_size=len(source))
+  setup = train.build(config, tokenizer, mesh, epoch_size=len(train.train_source(config)))
   checkpointer = ckpt_lib.Checkpointer(workdir, 0, 1, async_save=False)
   restored = checkpointer.restore(setup.abstract_state)
   checkpointer.close()
@@ -35,8 +34,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
         f"No checkpoint under {os.path.join(os.path.abspath(workdir), 'checkpoints')}: train "
         f"first with python -m vljax.main --config=... --workdir={workdir}.")
   step, state, _ = restored
-  evaluator = train.make_evaluator(config, setup.objective, eval_source, tokenizer, mesh,
-                                   setup.rules)
+  evaluator = train.make_evaluator(config, setup.objective, tokenizer, mesh, setup.rules)
   results = evaluator(state.params)
   writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard)
   writer.write(step, results)

@@ -25,6 +25,7 @@ from vljax import metrics as metrics_lib
 from vljax import optim
 from vljax import sharding
 from vljax.configlib import ConfigError
+from vljax.data import evalsets
 from vljax.data import pipeline as data_pipeline
 from vljax.data import sources
 from vljax.data import tokenizer as tokenizer_lib
@@ -208,13 +209,10 @@ def compile_step(setup: Setup, step_fn: Callable, batch_size: int, image_size: i
   return compiled, flops
 
 
-def data_sources(config):
-  """(train source, held-out source) named by config.data."""
-  source = sources.get_source(config.data.train, "train", config.data.image_size,
-                              config.data.seed)
-  eval_source = sources.get_source(config.data.eval, "heldout", config.data.image_size,
-                                   config.data.seed)
-  return source, eval_source
+def train_source(config):
+  """The training source named by config.data.train."""
+  return sources.get_source(config.data.train, "train", config.data.image_size,
+                            config.data.seed)
 
 
 def make_iterator(config, source, tokenizer):
@@ -225,19 +223,11 @@ def make_iterator(config, source, tokenizer):
       worker_count=config.data.worker_count)
 
 
-def make_evaluator(config, objective, eval_source, tokenizer, mesh, rules):
-  """The evaluation suite over the config's held-out data and class prompts."""
+def make_evaluator(config, objective, tokenizer, mesh, rules):
+  """The evaluations that fit the objective, over the config's held-out data."""
   from vljax import evals  # pylint: disable=g-import-not-at-top
-  eval_data = data_pipeline.load_eval_data(
-      eval_source, tokenizer, image_size=config.data.image_size, max_len=config.data.max_len,
-      num_examples=config.data.eval_examples)
-  class_prompts = sources.class_prompts(config.data.eval)
-  flat = [p for prompts in class_prompts for p in prompts]
-  if len({len(p) for p in class_prompts}) != 1:
-    raise ConfigError("Every class needs the same number of prompt templates.")
-  prompt_tokens = tokenizer.encode(flat, config.data.max_len)
-  return evals.ContrastiveEvaluator(objective, eval_data, prompt_tokens, len(class_prompts),
-                                    mesh, rules, batch_size=config.eval.batch_size)
+  eval_sets = evalsets.load_eval_sets(config.data, tokenizer)
+  return evals.build_evaluator(config, objective, eval_sets, tokenizer, mesh, rules)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -247,7 +237,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size,
                jax.devices()[0].platform)
   tokenizer = tokenizer_lib.get_tokenizer(config.tokenizer.path or None)
-  source, eval_source = data_sources(config)
+  source = train_source(config)
   setup = build(config, tokenizer, mesh, epoch_size=len(source))
   total = setup.total_steps
 
@@ -272,8 +262,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                  config.data.max_len)
   evaluator = None
   if config.eval.every_steps >= 0:
-    evaluator = make_evaluator(config, setup.objective, eval_source, tokenizer, mesh,
-                               setup.rules)
+    evaluator = make_evaluator(config, setup.objective, tokenizer, mesh, setup.rules)
   rng = jax.random.key(config.seed + 1)
 
   last = {}
