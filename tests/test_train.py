@@ -1,5 +1,6 @@
 """The one train step and loop: sharded == single-device, every config end to end, resume."""
 import glob
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from vljax import configlib, evaluate, metrics, sharding, train
-from vljax.checkpoint import CheckpointError, load_exported_params
+from vljax.checkpoint import CheckpointError, load_exported_params, read_config
 from vljax.data import tokenizer as tokenizer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,6 +141,8 @@ def test_config_runs_end_to_end(name, tmp_path):
     assert 0.0 <= eval_rows[0][key] <= 1.0
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+  assert read_config(workdir) == read_config(os.path.join(workdir, "export")) == \
+      json.loads(config.to_json())
   exported = load_exported_params(os.path.join(workdir, "export"))
   assert set(exported) >= {"img", "txt", "t"}
 

@@ -70,15 +70,29 @@ class Checkpointer:
     self.manager.close()
 
 
+def write_config(directory: str, config_json: str) -> None:
+  """WORKDIR/config.json: the resolved config, so a checkpoint can be used without the flags."""
+  if jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+      f.write(config_json)
+
+
+def read_config(directory: str) -> dict:
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No config.json in {directory}: is it a vljax workdir or export?")
+  with open(path) as f:
+    return json.load(f)
+
+
 def export_params(workdir: str, params: Any, config_json: str) -> str:
   """Writes params only (no optimizer state) plus the config, for inference. Returns the path."""
   path = os.path.abspath(os.path.join(workdir, "export"))
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(path, "params"), params, force=True)
   checkpointer.wait_until_finished()
-  if jax.process_index() == 0:
-    with open(os.path.join(path, "config.json"), "w") as f:
-      f.write(config_json)
+  write_config(path, config_json)
   return path
 
 
@@ -89,7 +103,3 @@ def load_exported_params(path: str, abstract_params: Any | None = None) -> Any:
     raise FileNotFoundError(f"No exported params at {params_dir}.")
   return ocp.StandardCheckpointer().restore(params_dir, abstract_params)
 
-
-def read_exported_config(path: str) -> dict:
-  with open(os.path.join(path, "config.json")) as f:
-    return json.load(f)

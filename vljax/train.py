@@ -242,6 +242,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   total = setup.total_steps
 
   writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard)
+  ckpt_lib.write_config(workdir, config.to_json(indent=2))
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint.every_steps,
                                        config.checkpoint.keep, config.checkpoint.async_save)
   iterator = make_iterator(config, source, tokenizer)
@@ -317,6 +318,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   finally:
     # Also on errors: an asynchronous save in flight must finish before the process moves on.
     checkpointer.close()
-  ckpt_lib.export_params(workdir, state.params, config.to_json())
+  ckpt_lib.export_params(workdir, state.params, config.to_json(indent=2))
   writer.close()
   return last
