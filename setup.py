@@ -20,5 +20,5 @@ setuptools.setup(
         "pillow",
         "tensorboardX>=2.6",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "pycocoevalcap>=1.2"]},
 )

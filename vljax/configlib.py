@@ -151,7 +151,19 @@ def base_train_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       train="synthetic", eval="synthetic", image_size=224, max_len=64, seed=0,
-      eval_examples=512, worker_count=0))
+      eval_examples=512, worker_count=0,
+      # Sources (vljax/data/sources.py, docs/data.md): feature/column/json keys.
+      image_key="image", caption_key="caption", label_key="label", tfds_data_dir="",
+      # Optional task-specific eval sources ("" = derived from data.eval).
+      eval_zeroshot="", eval_retrieval="",
+      prompt_templates=["a photo of a {}.", "a picture of a {}.", "an image of a {}.",
+                        "a photo of the {}."],
+      # Images: resize "warp" | "crop" | "pad"; mean/std on [0, 1] ([] = [-1, 1] range).
+      resize="warp", mean=[], std=[],
+      augment=dict(inception_crop=False, crop_scale=1.0, crop_ratio=[0.75, 4 / 3],
+                   hflip=False, brightness=0.0),
+      # Text clean-up before tokenisation.
+      lowercase=False, canonicalize=False))
   c.tokenizer = ml_collections.ConfigDict(dict(path=""))  # "" = train one on synthetic captions
 
   c.batch_size = 32768  # global

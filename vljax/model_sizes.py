@@ -38,3 +38,44 @@ def small_two_towers(config, scale: str, image_pool: str, text_pool: str,
   config.eval.every_steps = s["eval_every"]
   config.eval.batch_size = 256
   config.checkpoint.every_steps = s["ckpt_every"]
+
+
+# Small CoCa sizes: the same ViT as the small two towers, a decoder of unimodal + multimodal
+# layers, and a captioning pooler with fewer queries than the paper's 256 (a 32 px image at
+# patch 8 has 16 tokens). max_len 24 fits the longest synthetic caption (16 tokens + EOS).
+SMALL_COCA = {
+    "laptop": dict(image_size=32, patch=8, width=128, depth=4, mlp_dim=512, heads=4,
+                   unimodal=2, multimodal=2, queries=16, max_len=24, embed_dim=128,
+                   batch_size=128, total_steps=600, warmup_steps=60, lr=1e-3, log_every=50,
+                   eval_every=300, ckpt_every=300),
+    "tiny": dict(image_size=16, patch=8, width=32, depth=1, mlp_dim=64, heads=2, unimodal=1,
+                 multimodal=1, queries=4, max_len=8, embed_dim=32, batch_size=16,
+                 total_steps=4, warmup_steps=1, lr=1e-3, log_every=1, eval_every=-1,
+                 ckpt_every=2),
+}
+
+
+def small_coca(config, scale: str) -> None:
+  """Fills `config` (a base_train_config) with one of the SMALL_COCA sizes."""
+  if scale not in SMALL_COCA:
+    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
+                                f"{', '.join(SMALL_COCA)}.")
+  s = SMALL_COCA[scale]
+  config.data.image_size = s["image_size"]
+  config.data.max_len = s["max_len"]
+  config.data.eval_examples = 512
+  config.model.image = dict(width=s["width"], depth=s["depth"], mlp_dim=s["mlp_dim"],
+                            num_heads=s["heads"], patch_size=(s["patch"], s["patch"]),
+                            posemb="learn")
+  config.model.text = dict(width=s["width"], mlp_dim=s["mlp_dim"], num_heads=s["heads"],
+                           unimodal_depth=s["unimodal"], multimodal_depth=s["multimodal"])
+  config.model.num_decoder_queries = s["queries"]
+  config.model.embed_dim = s["embed_dim"]
+  config.batch_size = s["batch_size"]
+  config.total_steps = s["total_steps"]
+  config.optim.warmup_steps = s["warmup_steps"]
+  config.optim.lr = s["lr"]
+  config.log_every_steps = s["log_every"]
+  config.eval.every_steps = s["eval_every"]
+  config.eval.batch_size = 256
+  config.checkpoint.every_steps = s["ckpt_every"]

@@ -27,6 +27,7 @@ from vljax import sharding
 from vljax.configlib import ConfigError
 from vljax.data import evalsets
 from vljax.data import pipeline as data_pipeline
+from vljax.data import preprocess
 from vljax.data import sources
 from vljax.data import tokenizer as tokenizer_lib
 from vljax.objectives import make_objective
@@ -210,17 +211,22 @@ def compile_step(setup: Setup, step_fn: Callable, batch_size: int, image_size: i
 
 
 def train_source(config):
-  """The training source named by config.data.train."""
+  """The training source named by config.data.train (a spec string, see vljax.data.sources)."""
   return sources.get_source(config.data.train, "train", config.data.image_size,
-                            config.data.seed)
+                            config.data.seed, config.data)
 
 
 def make_iterator(config, source, tokenizer):
+  """This process's checkpointable iterator of training batches (with '_'-prefixed extras)."""
+  data = config.data
   return data_pipeline.make_train_iterator(
       source, tokenizer, batch_size=config.batch_size // jax.process_count(),
-      image_size=config.data.image_size, max_len=config.data.max_len, seed=config.data.seed,
+      image_size=data.image_size, max_len=data.max_len, seed=data.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      worker_count=config.data.worker_count)
+      worker_count=data.worker_count,
+      image_options=preprocess.image_options_from_config(data, data.image_size, train=True),
+      text_options=preprocess.TextOptions(lowercase=bool(data.get("lowercase", False)),
+                                          canonicalize=bool(data.get("canonicalize", False))))
 
 
 def make_evaluator(config, objective, tokenizer, mesh, rules):
@@ -267,6 +273,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   rng = jax.random.key(config.seed + 1)
 
   last = {}
+  skipped_records, skipped_sample = 0, []  # bad input records of this process
   pending = None  # (step, finite flag) of the previous step, checked one step late
   t_last, step_last = time.time(), start_step
 
@@ -283,6 +290,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
       for step in range(start_step + 1, total + 1):
         host_batch = next(iterator)
+        # Data-only keys ('_skipped', ...) stay on the host; the step sees image/text/label.
+        skipped_records += int(host_batch.pop("_skipped", 0))
+        skipped_sample.extend(host_batch.pop("_skipped_keys", ()))
+        del skipped_sample[:-8]
+        for key in [k for k in host_batch if k.startswith("_")]:
+          del host_batch[key]
         batch = sharding.global_batch_from_host(host_batch, mesh)
         state, step_metrics = compiled(state, batch, rng)
         if pending is not None:
@@ -301,6 +314,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                   "perf/examples_per_s_per_device": config.batch_size / step_time / mesh.size}
           if flops:
             perf["perf/tflops_per_device"] = flops / step_time / 1e12
+          if skipped_sample:
+            logging.warning("Skipped %d bad records so far (this process); recent: %s",
+                            skipped_records, "; ".join(skipped_sample))
+            skipped_sample.clear()
+          perf["data/skipped_records"] = skipped_records
           scalars = writer.write(step, {**step_metrics, **perf})
           metrics_lib.log_progress(step, total, scalars)
           last.update(scalars)

@@ -1,36 +1,52 @@
 """Grain input pipelines: random-access image-text sources to numpy batches.
 
-Training: global shuffle by seed (a fresh permutation each epoch), repeat,
-per-example preprocessing, a disjoint slice per process, batching with
+Training: global shuffle by seed (a fresh permutation each epoch; a weighted
+interleave of per-source streams for a mixture), repeat, per-example
+decoding and preprocessing (optionally in worker processes), a disjoint
+slice per process, then skipping of unusable records and batching with
 tokenised captions. The result is a `grain.DatasetIterator` whose small,
 JSON-serialisable state resumes it exactly.
 
-Evaluation: every example of a (held-out) source in order, as one dict of
-numpy arrays.
+Evaluation: every usable example of a (held-out) source in order, as one
+dict of numpy arrays.
 
-A source is anything with `__len__` and `__getitem__(index)` returning a dict
-with 'image' (uint8 [H, W, 3] or [H, W]), 'caption' (str) and optionally
-'label' (int; -1 when absent).
+A source is anything with `__len__` and `__getitem__(index)` returning a raw
+record (vljax.data.formats): 'image' (encoded bytes, or uint8 [H, W, 3] /
+[H, W]), 'caption' (str, bytes or a list of them) and optionally 'label'
+(int; -1 when absent) and 'key' (names the record in logs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Mapping, Sequence
+import logging
+from typing import Any, Callable, Mapping, Sequence
 
 import grain
 import numpy as np
-from PIL import Image
 
+from vljax.data import formats
+from vljax.data import mixture as mixture_lib
+from vljax.data import preprocess
 from vljax.data import tokenizer as tokenizer_lib
 
-# Augmentation keys understood by `augment`. Horizontal flips are off unless
-# asked for, because they contradict "left"/"right" in captions.
+# Augmentation keys understood by `augment` (see preprocess.ImageOptions).
+# Horizontal flips are off unless asked for, because they contradict
+# "left"/"right" in captions.
 _AUGMENT_DEFAULTS: dict[str, Any] = {
+    'inception_crop': False,  # random resized crop, area in [crop_scale, 1].
     'crop_scale': 1.0,  # min area fraction of a random crop; 1.0 = off.
+    'crop_ratio': (3 / 4, 4 / 3),  # aspect range of the inception crop.
     'hflip': False,
     'brightness': 0.0,  # max additive brightness change, in [-1, 1] units.
 }
+
+# Sample keys of bad records carried per batch (for the trainer's log line).
+_MAX_KEYS_PER_BATCH = 4
+# A stream that yields this many bad records in a row is broken, not noisy:
+# fail loudly instead of spinning forever.
+_MAX_CONSECUTIVE_BAD = 10_000
 
 
 def _check_source(source: Any) -> int:
@@ -55,93 +71,160 @@ def _parse_augment(augment: Mapping[str, Any] | None) -> dict[str, Any]:
   return options
 
 
-def _to_rgb_uint8(image: Any) -> np.ndarray:
-  image = np.asarray(image)
-  if image.ndim == 2:
-    image = np.stack([image] * 3, axis=-1)
-  if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-    raise ValueError(f'Expected an [H, W, 3] image, got shape {image.shape}.')
-  if image.shape[-1] == 1:
-    image = np.repeat(image, 3, axis=-1)
-  image = image[..., :3]
-  if image.dtype != np.uint8:
-    image = np.clip(image, 0, 255).astype(np.uint8)
-  return image
-
-
-def _resize(image: np.ndarray, image_size: int) -> np.ndarray:
-  if image.shape[:2] == (image_size, image_size):
-    return image
-  pil = Image.fromarray(image).resize((image_size, image_size),
-                                      Image.Resampling.BICUBIC)
-  return np.asarray(pil)
+def _image_options(image_size: int, augment: Mapping[str, Any] | None,
+                   image_options: preprocess.ImageOptions | None
+                   ) -> preprocess.ImageOptions:
+  """Explicit ImageOptions win; otherwise the legacy (size, augment) pair."""
+  if image_options is not None:
+    return dataclasses.replace(image_options, size=image_size)
+  opts = _parse_augment(augment)
+  return preprocess.ImageOptions(
+      size=image_size, inception_crop=bool(opts['inception_crop']),
+      crop_scale=float(opts['crop_scale']),
+      crop_ratio=tuple(opts['crop_ratio']), hflip=bool(opts['hflip']),
+      brightness=float(opts['brightness']))
 
 
 def preprocess_image(image: Any, image_size: int,
                      rng: np.random.Generator | None = None,
                      augment: Mapping[str, Any] | None = None) -> np.ndarray:
-  """uint8 image -> float32 [image_size, image_size, 3] in [-1, 1].
+  """uint8 image (or encoded bytes) -> float32 [image_size, image_size, 3] in [-1, 1].
 
   Args:
-    image: uint8 [H, W, 3] (grey [H, W] and RGBA are converted).
+    image: uint8 [H, W, 3] (grey [H, W] and RGBA are converted), or bytes.
     image_size: output side.
     rng: randomness for augmentation; required if any augmentation is on.
     augment: options as in `_AUGMENT_DEFAULTS`; None means none.
   """
-  opts = _parse_augment(augment)
-  image = _to_rgb_uint8(image)
-  scale = float(opts['crop_scale'])
-  if scale < 1.0:
-    h, w = image.shape[:2]
-    area = rng.uniform(scale, 1.0)
-    ch = max(1, int(round(h * np.sqrt(area))))
-    cw = max(1, int(round(w * np.sqrt(area))))
-    top = int(rng.integers(0, h - ch + 1))
-    left = int(rng.integers(0, w - cw + 1))
-    image = image[top:top + ch, left:left + cw]
-  image = _resize(image, image_size)
-  if opts['hflip'] and rng.uniform() < 0.5:
-    image = image[:, ::-1]
-  out = image.astype(np.float32) * (2.0 / 255.0) - 1.0
-  if opts['brightness']:
-    delta = rng.uniform(-opts['brightness'], opts['brightness'])
-    out = np.clip(out + np.float32(delta), -1.0, 1.0)
-  return np.ascontiguousarray(out, dtype=np.float32)
+  opts = _image_options(image_size, augment, None)
+  return preprocess.process_image(preprocess.decode_image(image), opts, rng)
 
 
 class _Preprocess(grain.transforms.MapWithIndex):
-  """Per-example preprocessing; randomness is a function of (seed, index)."""
+  """Per-example preprocessing; randomness is a function of (seed, index).
 
-  def __init__(self, image_size: int, augment: dict[str, Any], seed: int):
-    self._image_size = image_size
-    self._augment = augment
+  A record that cannot be used becomes {'_bad': reason, '_key': key}; the
+  batcher skips and counts it.
+  """
+
+  def __init__(self, image_options: preprocess.ImageOptions,
+               text_options: preprocess.TextOptions, seed: int,
+               train: bool = True):
+    self._image = image_options
+    self._text = text_options
     self._seed = seed
-    self._random = (augment['crop_scale'] < 1.0 or augment['hflip'] or
-                    bool(augment['brightness']))
+    self._train = train
 
   def map_with_index(self, index: int, element: Mapping[str, Any]
                      ) -> dict[str, Any]:
     # `index` is the position in the global shuffled+repeated stream, so the
     # augmentation of an example does not depend on process count or resume.
-    rng = (np.random.default_rng([self._seed, index, 0x5EED])
-           if self._random else None)
-    return {
-        'image': preprocess_image(element['image'], self._image_size, rng,
-                                  self._augment),
-        'caption': str(element['caption']),
-        'label': np.int32(element.get('label', -1)),
-    }
+    key = str(element.get('key', index))
+    try:
+      if 'error' in element:
+        raise preprocess.BadRecord(element['error'])
+      rng = (np.random.default_rng([self._seed, index, 0x5EED])
+             if self._image.random else None)
+      caption_rng = (np.random.default_rng([self._seed, index, 0xCA7])
+                     if self._train else None)
+      caption = preprocess.clean_caption(
+          preprocess.pick_caption(element.get('caption'), caption_rng),
+          self._text)
+      # Decoding JPEGs at a reduced DCT scale is several times faster; only
+      # safe when no random crop wants the full resolution.
+      draft = None if self._image.random else self._image.size
+      image = preprocess.decode_image(element.get('image'), draft)
+      pixels, delta = preprocess.augment_image(image, self._image, rng)
+      # uint8 pixels: normalisation happens per batch in `_collate`.
+      return {'image': pixels, 'brightness': delta, 'caption': caption,
+              'label': np.int32(element.get('label', -1))}
+    except Exception as e:  # pylint: disable=broad-except
+      # One unusable record must never stop the run.
+      reason = str(e) if isinstance(e, preprocess.BadRecord) else (
+          f'{type(e).__name__}: {e}')
+      return {'_bad': reason, '_key': key}
 
 
 def _collate(elements: Sequence[Mapping[str, Any]],
-             tokenizer: tokenizer_lib.Tokenizer,
-             max_len: int) -> dict[str, np.ndarray]:
-  """Stacks preprocessed examples and tokenises their captions in one call."""
+             tokenizer: tokenizer_lib.Tokenizer, max_len: int,
+             image_options: preprocess.ImageOptions) -> dict[str, np.ndarray]:
+  """Stacks and normalises examples and tokenises their captions in one call."""
   return {
-      'image': np.stack([e['image'] for e in elements]),
+      'image': preprocess.normalize(
+          np.stack([e['image'] for e in elements]), image_options,
+          np.asarray([e['brightness'] for e in elements], np.float32)),
       'text': tokenizer.encode([e['caption'] for e in elements], max_len),
       'label': np.asarray([e['label'] for e in elements], dtype=np.int32),
   }
+
+
+class _SkipBadAndBatch(grain.IterDataset):
+  """Batches good examples, skipping bad ones; each batch counts its skips.
+
+  Batches get '_skipped' (int: records skipped since the previous batch) and
+  '_skipped_keys' (a few 'key: reason' strings). The count travels inside
+  the batch because grain worker processes cannot share counters.
+  """
+
+  def __init__(self, parent: grain.IterDataset, batch_size: int,
+               batch_fn: Callable[[list[Any]], dict[str, Any]]):
+    super().__init__(parent)
+    self._batch_size = batch_size
+    self._batch_fn = batch_fn
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _SkipBadAndBatchIterator(self._parent.__iter__(), self._batch_size,
+                                    self._batch_fn)
+
+  def __str__(self) -> str:
+    return f'SkipBadAndBatch(batch_size={self._batch_size})'
+
+
+class _SkipBadAndBatchIterator(grain.DatasetIterator):
+  """Iterator of `_SkipBadAndBatch`; its state is its parent's.
+
+  It holds nothing between batches, so the parent's position after a batch
+  is the whole state.
+  """
+
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int,
+               batch_fn: Callable[[list[Any]], dict[str, Any]]):
+    super().__init__(parent)
+    self._batch_size = batch_size
+    self._batch_fn = batch_fn
+    self._bad_seen = 0  # for rate-limited logging only
+
+  def __next__(self) -> dict[str, Any]:
+    good, skipped, keys, in_a_row = [], 0, [], 0
+    while len(good) < self._batch_size:
+      element = next(self._parent)  # StopIteration drops a partial batch
+      if '_bad' not in element:
+        good.append(element)
+        in_a_row = 0
+        continue
+      skipped += 1
+      in_a_row += 1
+      self._bad_seen += 1
+      note = f'{element["_key"]}: {element["_bad"]}'
+      if len(keys) < _MAX_KEYS_PER_BATCH:
+        keys.append(note)
+      if self._bad_seen <= 10 or self._bad_seen % 1000 == 0:
+        logging.warning('Skipped bad record #%d of this reader: %s',
+                        self._bad_seen, note)
+      if in_a_row >= _MAX_CONSECUTIVE_BAD:
+        raise RuntimeError(
+            f'{in_a_row} bad records in a row; the data is unusable. Last: '
+            f'{note}')
+    batch = self._batch_fn(good)
+    batch['_skipped'] = np.int64(skipped)
+    batch['_skipped_keys'] = keys
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -154,33 +237,58 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def _element_stream(source: Any, seed: int, num_epochs: int | None
+                    ) -> grain.MapDataset:
+  """Raw records in global shuffled order (endless unless num_epochs)."""
+  if isinstance(source, mixture_lib.Mixture):
+    if num_epochs is not None:
+      raise ValueError('A mixture is endless; use num_epochs=None.')
+    # Each component reshuffles every epoch with its own seed; mix() then
+    # interleaves them in proportion to the weights, deterministically.
+    parts = [grain.MapDataset.source(formats.SafeSource(c))
+             .shuffle(seed=seed + 7919 * k).repeat(None)
+             for k, c in enumerate(source.components)]
+    return grain.MapDataset.mix(parts, source.weights)
+  ds = grain.MapDataset.source(formats.SafeSource(source)).shuffle(seed=seed)
+  # The shuffle draws a new permutation for every epoch of indices it sees,
+  # so repeating after it reshuffles each epoch.
+  return ds.repeat(num_epochs)
+
+
 def make_train_dataset(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
                        batch_size: int, image_size: int, max_len: int,
                        seed: int, process_index: int = 0,
                        process_count: int = 1, num_epochs: int | None = None,
-                       augment: Mapping[str, Any] | None = None
-                       ) -> grain.MapDataset:
-  """The training pipeline as a `grain.MapDataset` of per-process batches.
+                       augment: Mapping[str, Any] | None = None,
+                       image_options: preprocess.ImageOptions | None = None,
+                       text_options: preprocess.TextOptions | None = None,
+                       worker_count: int = 0) -> grain.IterDataset:
+  """The training pipeline as a `grain.IterDataset` of per-process batches.
 
   See `make_train_iterator` for the arguments.
   """
-  n = _check_source(source)
+  if isinstance(source, mixture_lib.Mixture):
+    n = sum(_check_source(c) for c in source.components)
+  else:
+    n = _check_source(source)
   if not 0 <= process_index < process_count:
     raise ValueError(
         f'process_index={process_index} not in [0, {process_count}).')
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
-  options = _parse_augment(augment)
+  image_opts = _image_options(image_size, augment, image_options)
+  text_opts = text_options or preprocess.TextOptions()
+  # In-process, a few threads overlap decoding with the train step; with
+  # worker processes each worker reads with one thread.
+  num_threads = 1 if worker_count > 0 else 2
 
-  ds = grain.MapDataset.source(source).shuffle(seed=seed)
-  # The shuffle draws a new permutation for every epoch of indices it sees,
-  # so repeating after it reshuffles each epoch.
-  ds = ds.repeat(num_epochs)
-  ds = ds.map_with_index(_Preprocess(image_size, options, seed))
+  ds = _element_stream(source, seed, num_epochs)
+  ds = ds.map_with_index(_Preprocess(image_opts, text_opts, seed))
   if num_epochs is not None:
     # Drop the tail that would not fill a global batch, so every process
     # produces the same number of batches (otherwise one host would wait on
-    # a collective forever at the end).
+    # a collective forever at the end). Bad records can still make one
+    # process end a batch early; see docs/data.md.
     global_batch = batch_size * process_count
     ds = ds[:len(ds) - len(ds) % global_batch]
     if len(ds) == 0:
@@ -188,9 +296,20 @@ def make_train_dataset(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
           f'{num_epochs} epoch(s) of {source!r} ({n} examples) do not fill '
           f'one global batch of {global_batch}.')
   ds = ds[process_index::process_count]
-  return ds.batch(batch_size, drop_remainder=True,
-                  batch_fn=functools.partial(_collate, tokenizer=tokenizer,
-                                             max_len=max_len))
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=max(2, 2 * batch_size)))
+  if worker_count > 0:
+    # Workers decode and augment single examples (worker w takes elements
+    # w::worker_count and grain re-interleaves them in order); skipping and
+    # batching stay here, so batches do not depend on the worker count.
+    _ensure_absl_flags_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=worker_count,
+        per_worker_buffer_size=min(max(2, batch_size), 128)))
+  return _SkipBadAndBatch(
+      it_ds, batch_size,
+      functools.partial(_collate, tokenizer=tokenizer, max_len=max_len,
+                        image_options=image_opts))
 
 
 def make_train_iterator(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
@@ -199,16 +318,21 @@ def make_train_iterator(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
                         process_count: int = 1,
                         num_epochs: int | None = None,
                         augment: Mapping[str, Any] | None = None,
-                        worker_count: int = 0) -> grain.DatasetIterator:
+                        worker_count: int = 0,
+                        image_options: preprocess.ImageOptions | None = None,
+                        text_options: preprocess.TextOptions | None = None,
+                        ) -> grain.DatasetIterator:
   """A checkpointable iterator over this process's training batches.
 
-  Batches are {'image': float32 [b, H, W, 3] in [-1, 1], 'text': int32
-  [b, max_len], 'label': int32 [b]}. Processes read disjoint slices of the
-  same global shuffled stream; the k-th batches of all processes together
-  form the k-th global batch.
+  Batches are {'image': float32 [b, H, W, 3], 'text': int32 [b, max_len],
+  'label': int32 [b], '_skipped': int (bad records skipped since the last
+  batch), '_skipped_keys': list of 'key: reason' (a sample)}. Keys starting
+  with '_' are data-only: the trainer strips them before the step.
+  Processes read disjoint slices of the same global shuffled stream.
 
   Args:
-    source: random-access source (`__len__`, `__getitem__`).
+    source: random-access source (`__len__`, `__getitem__` returning a raw
+      record, see vljax.data.formats) or a `mixture.Mixture`.
     tokenizer: tokenises captions.
     batch_size: per-process batch size.
     image_size: output image side; images of another size are resized.
@@ -217,51 +341,85 @@ def make_train_iterator(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
     process_index: this process's index.
     process_count: number of processes reading the data.
     num_epochs: passes over the source; None repeats forever.
-    augment: augmentation options ('crop_scale', 'hflip', 'brightness');
-      None means none.
-    worker_count: >0 preprocesses in that many grain worker processes.
+    augment: legacy augmentation options (see `_AUGMENT_DEFAULTS`); ignored
+      when `image_options` is given.
+    worker_count: >0 decodes and preprocesses in that many grain worker
+      processes; the batches are the same for any worker count.
+    image_options: resize mode, augmentation, normalisation.
+    text_options: caption lowercasing / canonicalisation.
 
   Returns:
     A `grain.DatasetIterator`; `get_state()` is a small JSON-serialisable
-    dict and `set_state(state)` on a fresh iterator resumes exactly.
+    dict and `set_state(state)` on a fresh iterator (same arguments,
+    worker_count included) resumes exactly.
 
   Raises:
     ValueError: the source is empty, or the arguments are inconsistent.
   """
-  ds = make_train_dataset(
-      source, tokenizer, batch_size=batch_size, image_size=image_size,
-      max_len=max_len, seed=seed, process_index=process_index,
-      process_count=process_count, num_epochs=num_epochs, augment=augment)
-  if worker_count > 0:
-    _ensure_absl_flags_parsed()
-    it_ds = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-    it_ds = it_ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=worker_count))
-  else:
-    # A few threads overlap numpy work with the train step; each computes
-    # whole batches, and grain's state counts only consumed ones.
-    it_ds = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
-  return iter(it_ds)
+  kwargs = dict(
+      batch_size=batch_size, image_size=image_size, max_len=max_len,
+      seed=seed, process_index=process_index, process_count=process_count,
+      num_epochs=num_epochs, augment=augment, image_options=image_options,
+      text_options=text_options)
+  return iter(make_train_dataset(source, tokenizer, worker_count=worker_count,
+                                **kwargs))
 
 
 def load_eval_data(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
                    image_size: int, max_len: int,
-                   num_examples: int | None = None) -> dict[str, Any]:
-  """All (or the first `num_examples`) examples of a source, in order.
+                   num_examples: int | None = None,
+                   image_options: preprocess.ImageOptions | None = None,
+                   text_options: preprocess.TextOptions | None = None,
+                   require_caption: bool = True) -> dict[str, Any]:
+  """All (or the first `num_examples` usable) examples of a source, in order.
+
+  Bad records are skipped and counted (logged at WARNING).
 
   Returns:
-    {'image': float32 [N, H, W, 3] in [-1, 1], 'text': int32 [N, max_len],
-    'label': int32 [N], 'caption': list of N str}.
+    {'image': float32 [N, H, W, 3], 'text': int32 [N, max_len] (first
+    caption), 'label': int32 [N], 'caption': list of N str (first caption),
+    'captions': list of N lists of str (all captions), 'image_id': list of N
+    str, 'skipped': int}.
   """
   n = _check_source(source)
   if num_examples is not None:
     n = min(n, num_examples)
   if n <= 0:
     raise ValueError(f'num_examples={num_examples} selects no examples.')
-  preprocess = _Preprocess(image_size, _parse_augment(None), seed=0)
-  elements = [preprocess.map_with_index(i, source[i]) for i in range(n)]
-  batch = _collate(elements, tokenizer, max_len)
-  batch['caption'] = [e['caption'] for e in elements]
-  return batch
+  image_opts = _image_options(image_size, None, image_options)
+  if image_opts.random:
+    image_opts = preprocess.ImageOptions(
+        size=image_size, resize=image_opts.resize, mean=image_opts.mean,
+        std=image_opts.std)
+  text_opts = text_options or preprocess.TextOptions()
+  safe = formats.SafeSource(source)
+  images, labels, captions, ids, skipped = [], [], [], [], 0
+  for i in range(len(safe)):
+    if len(images) >= n:
+      break
+    record = safe[i]
+    try:
+      if 'error' in record:
+        raise preprocess.BadRecord(record['error'])
+      caps = preprocess.captions_list(record.get('caption'), text_opts)
+      if not caps and require_caption:
+        raise preprocess.BadRecord('no usable caption')
+      image = preprocess.decode_image(record.get('image'), image_size)
+      images.append(preprocess.process_image(image, image_opts))
+    except Exception as e:  # pylint: disable=broad-except
+      skipped += 1
+      logging.warning('Skipped bad eval record %s: %s', record.get('key', i), e)
+      continue
+    labels.append(int(record.get('label', -1)))
+    captions.append(caps)
+    ids.append(str(record.get('image_id', record.get('key', i))))
+  if not images:
+    raise ValueError(f'No usable example in {source!r}.')
+  first = [c[0] if c else '' for c in captions]
+  return {
+      'image': np.stack(images),
+      'text': tokenizer.encode(first, max_len),
+      'label': np.asarray(labels, dtype=np.int32),
+      'caption': first, 'captions': captions, 'image_id': ids,
+      'skipped': skipped,
+  }

@@ -260,3 +260,130 @@ class MAPHead(nn.Module):
     x = x + MlpBlock(self.mlp_dim or 4 * width, dtype=self.dtype,
                      param_dtype=self.param_dtype, name="MlpBlock_0")(y)
     return x[:, 0]
+
+
+class KVCacheAttention(nn.Module):
+  """Self-attention that can run over a whole sequence or step by step with a KV cache.
+
+  Parameters are named like MultiHeadAttention's (query, key, value, out). Without a cache it
+  attends over the given sequence under `mask`; with a cache ({'key', 'value'}: [B, S, H, hd])
+  the T inputs are the tokens at positions position .. position+T-1: their keys and values are
+  written into the cache and each attends to every cached position up to its own.
+  """
+  num_heads: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None = None, cache: dict[str, Array] | None = None,
+               position: Array | None = None,
+               train: bool = False) -> tuple[Array, dict[str, Array] | None]:
+    """Returns (output [B, T, D], updated cache or None)."""
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"Attention width {width} is not divisible by "
+                       f"num_heads={self.num_heads}.")
+    head_dim = width // self.num_heads
+
+    def proj(name):
+      return DenseGeneral((self.num_heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"),
+                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    head_names = ("act_batch", "act_len", "act_heads", None)
+    q = constrain(proj("query")(x), head_names)
+    k = constrain(proj("key")(x), head_names)
+    v = constrain(proj("value")(x), head_names)
+    if cache is not None:
+      start = (0, position, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start)
+      v = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), start)
+      cache = {"key": k, "value": v}
+      query_pos = position + jnp.arange(x.shape[1])
+      # Cache slots past the current position hold zeros (or stale values): never attend there.
+      mask = (jnp.arange(k.shape[1])[None, :] <= query_pos[:, None])[None, None]
+
+    q = q / jnp.sqrt(head_dim).astype(q.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype)).astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    probs = nn.Dropout(rate=self.dropout)(probs, deterministic=not train)
+    y = constrain(jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype)), head_names)
+    y = DenseGeneral((width,), ("heads", "kv", "embed"), ("embed",), in_ndim=2,
+                     dtype=self.dtype, param_dtype=self.param_dtype, name="out")(y)
+    return y, cache
+
+
+def init_kv_cache(batch: int, length: int, width: int, num_heads: int,
+                  dtype: Dtype = jnp.float32) -> dict[str, Array]:
+  """An empty KV cache for one KVCacheAttention layer."""
+  shape = (batch, length, num_heads, width // num_heads)
+  return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+
+
+class DecoderBlock(nn.Module):
+  """Pre-LN decoder block: causal self-attention (KV-cacheable), optional cross-attention, MLP.
+
+  x + SelfAttn(LN(x)); [x + CrossAttn(LN(x), context)]; x + MLP(LN(x)).
+  """
+  mlp_dim: int
+  num_heads: int
+  cross_attention: bool = False
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None = None, context: Array | None = None,
+               cache: dict[str, Array] | None = None, position: Array | None = None,
+               train: bool = False) -> tuple[Array, dict[str, Array] | None]:
+    """Returns (output [B, T, D], updated self-attention cache or None)."""
+    x = constrain(x, ACT_SEQ)
+    y = layer_norm(self.dtype, self.param_dtype, name="LayerNorm_0")(x)
+    y, cache = KVCacheAttention(self.num_heads, dropout=self.dropout, dtype=self.dtype,
+                                param_dtype=self.param_dtype, name="SelfAttention")(
+                                    y, mask, cache, position, train)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+    x = constrain(x + y, ACT_SEQ)
+    if self.cross_attention:
+      if context is None:
+        raise ValueError("A cross-attention DecoderBlock needs a context.")
+      y = layer_norm(self.dtype, self.param_dtype, name="LayerNorm_cross")(x)
+      y = MultiHeadAttention(self.num_heads, out_features=x.shape[-1], dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="CrossAttention")(
+                                 y, context, None, train)
+      y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+      x = constrain(x + y, ACT_SEQ)
+    y = layer_norm(self.dtype, self.param_dtype, name="LayerNorm_1")(x)
+    y = MlpBlock(self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="MlpBlock_0")(y, train)
+    y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
+    return constrain(x + y, ACT_SEQ), cache
+
+
+class AttentionalPooler(nn.Module):
+  """CoCa's attentional pooler: `num_queries` learned queries attend over the tokens.
+
+  A single multi-head attention layer (keys/values = LayerNorm'd input tokens) followed by a
+  LayerNorm; returns [B, num_queries, width] for tokens [B, L, width].
+  """
+  num_queries: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    batch, _, width = x.shape
+    queries = self.param("queries",
+                         partitioned(nn.initializers.normal(stddev=width ** -0.5),
+                                     (None, "embed")),
+                         (self.num_queries, width), self.param_dtype)
+    queries = jnp.broadcast_to(queries.astype(self.dtype)[None], (batch, self.num_queries, width))
+    queries = constrain(queries, ACT_SEQ)
+    kv = layer_norm(self.dtype, self.param_dtype, name="LayerNorm_kv")(x)
+    y = MultiHeadAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="MultiHeadAttention_0")(queries, kv)
+    y = constrain(y, ACT_SEQ)
+    return layer_norm(self.dtype, self.param_dtype, name="LayerNorm_out")(y)

@@ -15,7 +15,8 @@ from vljax.configlib import ConfigError
 def make_objective(config: ml_collections.ConfigDict, tokenizer):
   """Builds the objective named by config.objective."""
   from vljax.objectives import two_towers  # pylint: disable=g-import-not-at-top
-  registry = {"two_towers": two_towers.TwoTowersObjective}
+  from vljax.objectives import coca  # pylint: disable=g-import-not-at-top
+  registry = {"two_towers": two_towers.TwoTowersObjective, "coca": coca.CocaObjective}
   if config.objective not in registry:
     raise ConfigError(f"config.objective={config.objective!r}; known objectives: "
                       f"{sorted(registry)}.")

@@ -1,0 +1,433 @@
+"""Random-access readers of the on-disk formats researchers bring.
+
+Every reader has `__len__` and `__getitem__(index)` returning a *raw record*:
+
+  {'key': str,              # names the record in logs (file:member, path:line)
+   'image': bytes | np.ndarray | None,   # encoded bytes, or decoded uint8
+   'caption': str | bytes | list[str] | None,
+   'label': int,            # -1 when the source has none
+   'image_id': str}         # records sharing an image share this id
+
+Readers never decode images and never raise on a bad record once
+constructed: a record that cannot be read is returned with an 'error' entry
+(see `SafeSource`), and the preprocessing step skips and counts it. A reader
+that finds nothing at all (a glob matching no file, an empty file) raises
+`EmptySourceError` at construction, naming the path.
+"""
+from __future__ import annotations
+
+import csv
+import glob as glob_lib
+import io
+import json
+import logging
+import os
+import re
+import struct
+import tarfile
+from typing import Any
+
+import numpy as np
+
+from vljax.configlib import ConfigError
+
+IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif')
+
+
+class EmptySourceError(ConfigError):
+  """A data source yields nothing at all (wrong glob, empty file)."""
+
+
+# ----------------------------------------------------------------- paths
+
+
+def expand_braces(pattern: str) -> list[str]:
+  """Expands `{00000..01242}` ranges and `{a,b}` alternatives, in order."""
+  match = re.search(r'\{([^{}]*)\}', pattern)
+  if not match:
+    return [pattern]
+  head, body, tail = pattern[:match.start()], match.group(1), pattern[match.end():]
+  span = re.fullmatch(r'(\d+)\.\.(\d+)', body)
+  if span:
+    lo, hi = span.group(1), span.group(2)
+    width = len(lo) if lo.startswith('0') or len(lo) == len(hi) else 0
+    options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+  else:
+    options = body.split(',')
+  out = []
+  for option in options:
+    out.extend(expand_braces(head + option + tail))
+  return out
+
+
+def expand_paths(pattern: str) -> list[str]:
+  """Files named by a brace/glob pattern; raises naming the pattern if none."""
+  paths = []
+  for expanded in expand_braces(os.path.expanduser(pattern)):
+    if glob_lib.has_magic(expanded):
+      paths.extend(sorted(glob_lib.glob(expanded)))
+    elif os.path.exists(expanded):
+      paths.append(expanded)
+  if not paths:
+    raise EmptySourceError(f'No file matches {pattern!r}.')
+  return paths
+
+
+# ----------------------------------------------------------------- webdataset
+
+
+def _split_member(name: str) -> tuple[str, str]:
+  """'dir/000001.jpg' -> ('dir/000001', 'jpg'): webdataset keys end at the first dot."""
+  directory, base = os.path.split(name)
+  stem, _, ext = base.partition('.')
+  return os.path.join(directory, stem), ext.lower()
+
+
+class WebDataset:
+  """Tar shards as img2dataset writes them: KEY.jpg|png|webp + KEY.txt/KEY.json.
+
+  Each tar is indexed once here (member name, data offset, size; only the
+  headers are read); `__getitem__` then reads the members of one key by
+  offset, so access is random and cheap.
+  """
+
+  def __init__(self, pattern: str, caption_key: str = 'caption'):
+    self.pattern = pattern
+    self.paths = expand_paths(pattern)
+    self.caption_key = caption_key
+    # One row per key: (shard index, key, {ext: (offset, size)}).
+    self._index: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
+    for shard, path in enumerate(self.paths):
+      self._index.extend(self._index_tar(shard, path))
+    if not self._index:
+      raise EmptySourceError(f'No records in the tar shards {pattern!r}.')
+    self._files: dict[int, int] = {}
+
+  @staticmethod
+  def _index_tar(shard: int, path: str) -> list[Any]:
+    groups: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+      with tarfile.open(path, 'r:') as tar:
+        for member in tar:
+          if member.isfile():
+            key, ext = _split_member(member.name)
+            groups.setdefault(key, {})[ext] = (member.offset_data, member.size)
+    except (tarfile.TarError, OSError, EOFError) as e:
+      # A truncated shard keeps the members indexed before the damage; the
+      # ones cut short fail when read and are skipped.
+      logging.warning('Tar shard %s is damaged (%s); using the %d keys before '
+                      'the damage.', path, e, len(groups))
+    return [(shard, key, exts) for key, exts in groups.items()]
+
+  def __len__(self) -> int:
+    return len(self._index)
+
+  def __getstate__(self) -> dict[str, Any]:
+    state = dict(self.__dict__)
+    state['_files'] = {}  # file descriptors do not cross processes
+    return state
+
+  def _read(self, shard: int, offset: int, size: int) -> bytes:
+    fd = self._files.get(shard)
+    if fd is None:
+      fd = self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+      raise IOError(f'truncated member ({len(data)} of {size} bytes)')
+    return data
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    shard, key, exts = self._index[index]
+    name = f'{os.path.basename(self.paths[shard])}:{key}'
+    record = {'key': name, 'image': None, 'caption': None, 'label': -1,
+              'image_id': name}
+    image_ext = next((e for e in IMAGE_EXTENSIONS if e in exts), None)
+    if image_ext is None:
+      raise KeyError(f'no image member (has {sorted(exts)})')
+    record['image'] = self._read(shard, *exts[image_ext])
+    if 'txt' in exts:
+      record['caption'] = self._read(shard, *exts['txt'])
+    elif 'json' in exts:
+      meta = json.loads(self._read(shard, *exts['json']))
+      record['caption'] = meta.get(self.caption_key)
+    if 'cls' in exts:
+      record['label'] = int(self._read(shard, *exts['cls']).strip())
+    return record
+
+
+# ----------------------------------------------------------------- jsonl / csv
+
+
+class _TableSource:
+  """Rows of (image path relative to the file, caption); shared by jsonl/csv."""
+
+  def __init__(self, path: str, rows: list[Any], image_key: str,
+               caption_key: str, label_key: str):
+    if not rows:
+      raise EmptySourceError(f'No records in {path!r} (empty file?).')
+    self.path = path
+    self.root = os.path.dirname(os.path.abspath(path))
+    self.rows = rows
+    self.image_key, self.caption_key, self.label_key = (
+        image_key, caption_key, label_key)
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    line, row = self.rows[index]
+    key = f'{os.path.basename(self.path)}:{line}'
+    if isinstance(row, Exception):
+      raise row
+    if not isinstance(row, dict):
+      raise ValueError(f'row is {type(row).__name__}, not an object')
+    rel = row.get(self.image_key)
+    if not rel:
+      raise KeyError(f'no {self.image_key!r} field')
+    image_path = os.path.join(self.root, str(rel))
+    with open(image_path, 'rb') as f:
+      image = f.read()
+    label = row.get(self.label_key)
+    return {'key': f'{key} ({rel})', 'image': image,
+            'caption': row.get(self.caption_key),
+            'label': int(label) if label not in (None, '') else -1,
+            'image_id': str(rel)}
+
+
+class JsonLines(_TableSource):
+  """`jsonl:PATH`: one JSON object per line, e.g. {"image": "a.jpg", "caption": "..."}."""
+
+  def __init__(self, path: str, image_key: str = 'image',
+               caption_key: str = 'caption', label_key: str = 'label'):
+    path = expand_paths(path)[0]
+    rows = []
+    with open(path, 'rb') as f:
+      for line_no, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          rows.append((line_no, json.loads(line)))
+        except ValueError as e:  # keep the row: it is counted when read
+          rows.append((line_no, ValueError(f'invalid JSON line: {e}')))
+    super().__init__(path, rows, image_key, caption_key, label_key)
+
+
+class Csv(_TableSource):
+  """`csv:PATH`: a header row, then one record per row (columns configurable)."""
+
+  def __init__(self, path: str, image_key: str = 'image',
+               caption_key: str = 'caption', label_key: str = 'label'):
+    path = expand_paths(path)[0]
+    # Bytes are decoded per field later; a non-UTF-8 caption must not make
+    # the whole file unreadable.
+    with open(path, 'r', encoding='utf-8', errors='surrogateescape',
+              newline='') as f:
+      rows = [(line_no, row) for line_no, row in
+              enumerate(csv.DictReader(f), 2)]
+    rows = [(n, _unescape_row(r)) for n, r in rows]
+    super().__init__(path, rows, image_key, caption_key, label_key)
+
+
+def _unescape_row(row: dict[str, str]) -> dict[str, Any]:
+  out = {}
+  for k, v in row.items():
+    if isinstance(v, str):
+      try:
+        v.encode('utf-8')
+      except UnicodeEncodeError:
+        v = v.encode('utf-8', 'surrogateescape')  # bytes: rejected later
+    out[k] = v
+  return out
+
+
+# ----------------------------------------------------------------- arrayrecord
+
+_MAGIC = b'VLJ1'
+
+
+def serialize(record: dict[str, Any]) -> bytes:
+  """A raw record (image as encoded bytes) -> bytes for ArrayRecord.
+
+  Layout: b'VLJ1', uint32 header length, JSON header {key, caption, label,
+  image_id}, then the encoded image bytes.
+  """
+  image = record['image']
+  if not isinstance(image, (bytes, bytearray)):
+    raise TypeError('serialize expects encoded image bytes')
+  caption = record.get('caption')
+  if isinstance(caption, bytes):
+    caption = caption.decode('utf-8')
+  header = json.dumps({'key': record['key'], 'caption': caption,
+                       'label': int(record.get('label', -1)),
+                       'image_id': record.get('image_id', record['key'])}
+                      ).encode('utf-8')
+  return _MAGIC + struct.pack('<I', len(header)) + header + bytes(image)
+
+
+def deserialize(data: bytes) -> dict[str, Any]:
+  """Inverse of `serialize`."""
+  if data[:4] != _MAGIC:
+    raise ValueError('not a vljax ArrayRecord example')
+  (n,) = struct.unpack('<I', data[4:8])
+  header = json.loads(data[8:8 + n])
+  header['image'] = data[8 + n:]
+  return header
+
+
+class ArrayRecord:
+  """`arrayrecord:GLOB`: shards written by `python -m vljax.data.convert`."""
+
+  def __init__(self, pattern: str):
+    import grain  # pylint: disable=g-import-not-at-top
+    self.pattern = pattern
+    self.paths = expand_paths(pattern)
+    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    if len(self._source) == 0:
+      raise EmptySourceError(f'No records in the ArrayRecord files {pattern!r}.')
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return deserialize(self._source[index])
+
+
+# ----------------------------------------------------------------- tfds
+
+
+class Tfds:
+  """`tfds:NAME[:split]` through `tfds.data_source` (random access, no TF runtime).
+
+  Text features may be a string or a sequence of strings (e.g. COCO's
+  'captions/text'); nested keys are written with '/'.
+  """
+
+  def __init__(self, name: str, split: str, image_key: str = 'image',
+               text_key: str = 'caption', label_key: str = 'label',
+               data_dir: str | None = None, data_source: Any = None):
+    self.name, self.split = name, split
+    self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
+    if data_source is None:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+      data_source = tfds.data_source(name, split=split, data_dir=data_dir)
+    self._source = data_source
+    if len(self._source) == 0:
+      raise EmptySourceError(f'TFDS dataset {name!r} split {split!r} is empty.')
+
+  def label_names(self) -> list[str] | None:
+    """Class names of the label feature, if it is a ClassLabel."""
+    info = getattr(self._source, 'dataset_info', None)
+    try:
+      feature = info.features[self.label_key]
+    except (AttributeError, KeyError, TypeError):
+      return None
+    return list(feature.names) if hasattr(feature, 'names') else None
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    ex = self._source[index]
+    caption = _nested(ex, self.text_key)
+    if isinstance(caption, np.ndarray):
+      caption = [c.decode('utf-8') if isinstance(c, bytes) else str(c)
+                 for c in caption.tolist()]
+    label = _nested(ex, self.label_key)
+    return {'key': f'{self.name}/{self.split}[{index}]',
+            'image': _nested(ex, self.image_key, required=True),
+            'caption': caption,
+            'label': int(label) if label is not None else -1,
+            'image_id': f'{self.name}[{index}]'}
+
+
+def _nested(ex: dict[str, Any], key: str, required: bool = False) -> Any:
+  node: Any = ex
+  for part in key.split('/'):
+    if not isinstance(node, dict) or part not in node:
+      if required:
+        raise KeyError(f'no feature {key!r}')
+      return None
+    node = node[part]
+  return node
+
+
+# ----------------------------------------------------------------- imagefolder
+
+
+class ImageFolder:
+  """`imagefolder:DIR`: DIR/CLASS_NAME/*.jpg; labels in sorted folder order."""
+
+  def __init__(self, root: str):
+    root = os.path.expanduser(root)
+    if not os.path.isdir(root):
+      raise EmptySourceError(f'Image folder {root!r} does not exist.')
+    self.root = root
+    self.class_names = sorted(d for d in os.listdir(root)
+                              if os.path.isdir(os.path.join(root, d)))
+    self.files = []
+    for label, name in enumerate(self.class_names):
+      for f in sorted(os.listdir(os.path.join(root, name))):
+        if f.rpartition('.')[2].lower() in IMAGE_EXTENSIONS:
+          self.files.append((os.path.join(name, f), label))
+    if not self.files:
+      raise EmptySourceError(f'No images in class folders under {root!r}.')
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    rel, label = self.files[index]
+    with open(os.path.join(self.root, rel), 'rb') as f:
+      image = f.read()
+    return {'key': rel, 'image': image, 'label': label,
+            'caption': self.class_names[label].replace('_', ' '),
+            'image_id': rel}
+
+
+# ----------------------------------------------------------------- safety
+
+
+class SafeSource:
+  """Wraps a reader: an exception while reading becomes an error record."""
+
+  def __init__(self, source: Any):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __repr__(self) -> str:
+    return f'SafeSource({self.source!r})'
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    try:
+      record = self.source[index]
+    except Exception as e:  # pylint: disable=broad-except
+      # Any failure to read one record is that record's problem, not the run's.
+      return {'key': _describe(self.source, index), 'image': None,
+              'caption': None, 'label': -1, 'image_id': str(index),
+              'error': f'{type(e).__name__}: {e}'}
+    record.setdefault('key', str(index))
+    record.setdefault('label', -1)
+    record.setdefault('image_id', record['key'])
+    return record
+
+
+def _describe(source: Any, index: int) -> str:
+  try:
+    if isinstance(source, WebDataset):
+      shard, key, _ = source._index[index]  # pylint: disable=protected-access
+      return f'{os.path.basename(source.paths[shard])}:{key}'
+    if isinstance(source, _TableSource):
+      return f'{os.path.basename(source.path)}:{source.rows[index][0]}'
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return f'{type(source).__name__}[{index}]'
+
+
+def encode_image(image: np.ndarray, fmt: str = 'PNG') -> bytes:
+  """uint8 array -> encoded bytes (used by the converter for decoded sources)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format=fmt)
+  return buf.getvalue()

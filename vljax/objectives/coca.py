@@ -1,0 +1,154 @@
+"""CoCa objective: contrastive + captioning from one forward pass, and KV-cached generation.
+
+loss = contrastive_weight * contrastive + captioning_weight * captioning   (defaults 1 and 2,
+the CoCa paper's ratio). contrastive_weight = 0 trains a pure captioner.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vljax import decode
+from vljax import losses
+from vljax.configlib import ConfigError
+from vljax.models import coca
+
+LOSSES = ("softmax", "sigmoid")
+
+
+def captioning_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
+                    label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """Token cross-entropy averaged over the real (mask) target positions.
+
+  Args:
+    logits: [B, L, V] float32.
+    targets: [B, L] int ids.
+    mask: [B, L] bool, True where the target counts.
+    label_smoothing: mass spread uniformly over the vocabulary.
+
+  Returns:
+    (loss, token accuracy), both scalars. Under jit the arrays are the *global* batch (sharded
+    or not), so these sums already run over the global batch's real tokens: the normalisation
+    does not depend on how the batch is split over devices.
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  if label_smoothing:
+    nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
+  mask = mask.astype(jnp.float32)
+  denom = jnp.maximum(jnp.sum(mask), 1.0)
+  loss = jnp.sum(nll * mask) / denom
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return loss, jnp.sum(correct * mask) / denom
+
+
+class CocaObjective:
+  """CoCa: image-text contrastive loss on the poolers/CLS + captioning LM loss on the decoder."""
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer):
+    self.loss_cfg = config.loss
+    if self.loss_cfg.kind not in LOSSES:
+      raise ConfigError(f"config.loss.kind={self.loss_cfg.kind!r}; choose one of {LOSSES}.")
+    if self.loss_cfg.contrastive_weight < 0 or self.loss_cfg.captioning_weight < 0:
+      raise ConfigError("config.loss.contrastive_weight and captioning_weight must be >= 0.")
+    model_cfg = config.model.to_dict()
+    model_cfg["text"] = dict(model_cfg["text"], vocab_size=tokenizer.vocab_size,
+                             pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
+                             max_len=config.data.max_len)
+    if self.loss_cfg.kind == "softmax" and model_cfg.get("bias_init") is not None:
+      raise ConfigError("config.model.bias_init is only used by the sigmoid loss; set it to "
+                        "None for config.loss.kind='softmax'.")
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
+    self.model = coca.CoCa(**model_cfg, dtype=dtype)
+    self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
+    self.bos_id = tokenizer.vocab_size
+
+  def init(self, rng: jax.Array, batch: dict[str, Any]) -> Any:
+    return self.model.init(rng, batch["image"], batch["text"])["params"]
+
+  def loss_fn(self, params: Any, batch: dict[str, jax.Array],
+              rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    out = self.model.apply({"params": params}, batch["image"], batch["text"], train=True,
+                           rngs={"dropout": rng})
+    scale = out["scale"]
+    if self.loss_cfg.get("max_scale") is not None:
+      scale = jnp.minimum(scale, self.loss_cfg.max_scale)
+    metrics = {"scale": scale}
+    if self.loss_cfg.kind == "sigmoid":
+      bias = out.get("bias", jnp.zeros((), jnp.float32))
+      metrics["bias"] = bias
+      con = losses.sigmoid_loss(out["zimg"], out["ztxt"], scale, bias,
+                                chunked=self.loss_cfg.chunked)
+    else:
+      con = losses.softmax_loss(out["zimg"], out["ztxt"], scale)
+    targets = batch["text"]
+    mask = coca.caption_mask(targets, self.pad_id, self.eos_id)
+    cap, acc = captioning_loss(out["logits"], targets, mask, self.loss_cfg.label_smoothing)
+    loss = self.loss_cfg.contrastive_weight * con + self.loss_cfg.captioning_weight * cap
+    metrics.update({"contrastive_loss": con, "captioning_loss": cap, "token_accuracy": acc})
+    return loss, metrics
+
+  def embed_images(self, params: Any, images: jax.Array) -> jax.Array:
+    return self.model.apply({"params": params}, images, method=coca.CoCa.embed_images)
+
+  def embed_texts(self, params: Any, texts: jax.Array) -> jax.Array:
+    return self.model.apply({"params": params}, texts, method=coca.CoCa.embed_texts)
+
+  # Decoding. Every function below is pure and jit-able; `generate` is what evaluation calls.
+
+  def _mask_pad(self, logits: jax.Array) -> jax.Array:
+    # Padding is never a target, so it is never generated: a pad id inside a caption would be
+    # ignored as a key by the full-sequence decoder but not by the cache.
+    return logits.at[:, self.pad_id].set(jnp.finfo(logits.dtype).min)
+
+  def step_fn(self, params: Any, cached: bool = True) -> decode.StepFn:
+    """step_fn(state, token [N], position) -> (logits [N, V], state) for vljax.decode.
+
+    The state (from init_decode_state) holds the decoder context of each row, so beam search
+    can repeat and reorder it with the rest. cached=False recomputes the whole prefix every
+    step: the reference the KV cache is tested against.
+    """
+
+    def cached_step(state, token, position):
+      logits, kv = self.model.apply({"params": params}, token[:, None], position,
+                                    state["context"], state["kv"],
+                                    method=coca.CoCa.decode_step)
+      return self._mask_pad(logits[:, 0]), {"context": state["context"], "kv": kv}
+
+    def uncached_step(state, token, position):
+      # The history is the input buffer [N, max_len + 1] (BOS first); its future slots hold pad
+      # and causality makes them irrelevant.
+      history = jax.lax.dynamic_update_slice(state["history"], token[:, None], (0, position))
+      # caption_logits prepends BOS itself; its logits[:, p] come from input slot p.
+      logits = self.model.apply({"params": params}, state["context"], history[:, 1:],
+                                method=coca.CoCa.caption_logits)
+      logits = self._mask_pad(jnp.take(logits, position, axis=1))
+      return logits, {"context": state["context"], "history": history}
+
+    return cached_step if cached else uncached_step
+
+  def init_decode_state(self, params: Any, images: jax.Array, max_len: int,
+                        cached: bool = True) -> dict[str, Any]:
+    """The initial decoding state of step_fn(params, cached) for images [N, H, W, 3]."""
+    context = self.model.apply({"params": params}, images, method=coca.CoCa.decoder_context)
+    batch = images.shape[0]
+    if cached:
+      kv = self.model.apply({"params": params}, batch, max_len, method=coca.CoCa.init_cache)
+      return {"context": context, "kv": kv}
+    return {"context": context,
+            "history": jnp.full((batch, max_len + 1), self.pad_id, jnp.int32)}
+
+  def start_tokens(self, batch: int) -> jax.Array:
+    return jnp.full((batch,), self.bos_id, jnp.int32)
+
+  @functools.partial(jax.jit, static_argnums=(0, 3))
+  def generate(self, params: Any, images: jax.Array, max_len: int) -> jax.Array:
+    """Greedy captions [B, max_len] int32 (EOS-terminated, padded with pad_id), KV-cached."""
+    state = self.init_decode_state(params, images, max_len)
+    tokens, _ = decode.greedy(self.step_fn(params), state, self.start_tokens(images.shape[0]),
+                              max_len, self.eos_id, self.pad_id)
+    return tokens
