@@ -15,20 +15,11 @@ SMALL_TWO_TOWERS = {
 }
 
 
-def small_two_towers(config, scale: str, image_pool: str, text_pool: str,
-                     causal: bool) -> None:
-  """Fills `config` (a base_train_config) with one of the SMALL_TWO_TOWERS sizes."""
-  if scale not in SMALL_TWO_TOWERS:
-    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
-                                f"{', '.join(SMALL_TWO_TOWERS)}.")
-  s = SMALL_TWO_TOWERS[scale]
+def _small_run(config, s: dict) -> None:
+  """The data sizes, embedding width and schedule that every small preset sets alike."""
   config.data.image_size = s["image_size"]
   config.data.max_len = s["max_len"]
   config.data.eval_examples = 512
-  tower = dict(width=s["width"], depth=s["depth"], mlp_dim=s["mlp_dim"], num_heads=s["heads"])
-  config.model.image = dict(tower, patch_size=(s["patch"], s["patch"]), posemb="learn",
-                            pool_type=image_pool)
-  config.model.text = dict(tower, causal=causal, pool_type=text_pool)
   config.model.embed_dim = s["embed_dim"]
   config.batch_size = s["batch_size"]
   config.total_steps = s["total_steps"]
@@ -38,6 +29,20 @@ def small_two_towers(config, scale: str, image_pool: str, text_pool: str,
   config.eval.every_steps = s["eval_every"]
   config.eval.batch_size = 256
   config.checkpoint.every_steps = s["ckpt_every"]
+
+
+def small_two_towers(config, scale: str, image_pool: str, text_pool: str,
+                     causal: bool) -> None:
+  """Fills `config` (a base_train_config) with one of the SMALL_TWO_TOWERS sizes."""
+  if scale not in SMALL_TWO_TOWERS:
+    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
+                                f"{', '.join(SMALL_TWO_TOWERS)}.")
+  s = SMALL_TWO_TOWERS[scale]
+  tower = dict(width=s["width"], depth=s["depth"], mlp_dim=s["mlp_dim"], num_heads=s["heads"])
+  config.model.image = dict(tower, patch_size=(s["patch"], s["patch"]), posemb="learn",
+                            pool_type=image_pool)
+  config.model.text = dict(tower, causal=causal, pool_type=text_pool)
+  _small_run(config, s)
 
 
 # Small CoCa sizes: the same ViT as the small two towers, a decoder of unimodal + multimodal
@@ -61,21 +66,10 @@ def small_coca(config, scale: str) -> None:
     raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
                                 f"{', '.join(SMALL_COCA)}.")
   s = SMALL_COCA[scale]
-  config.data.image_size = s["image_size"]
-  config.data.max_len = s["max_len"]
-  config.data.eval_examples = 512
   config.model.image = dict(width=s["width"], depth=s["depth"], mlp_dim=s["mlp_dim"],
                             num_heads=s["heads"], patch_size=(s["patch"], s["patch"]),
                             posemb="learn")
   config.model.text = dict(width=s["width"], mlp_dim=s["mlp_dim"], num_heads=s["heads"],
                            unimodal_depth=s["unimodal"], multimodal_depth=s["multimodal"])
   config.model.num_decoder_queries = s["queries"]
-  config.model.embed_dim = s["embed_dim"]
-  config.batch_size = s["batch_size"]
-  config.total_steps = s["total_steps"]
-  config.optim.warmup_steps = s["warmup_steps"]
-  config.optim.lr = s["lr"]
-  config.log_every_steps = s["log_every"]
-  config.eval.every_steps = s["eval_every"]
-  config.eval.batch_size = 256
-  config.checkpoint.every_steps = s["ckpt_every"]
+  _small_run(config, s)

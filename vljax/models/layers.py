@@ -21,6 +21,7 @@ Initializer = Callable[..., Array]
 
 # Logical names of activations between blocks.
 ACT_SEQ = ("act_batch", "act_len", "act_embed")
+ACT_HEADS = ("act_batch", "act_len", "act_heads", None)  # [B, L, heads, head_dim]
 
 
 def partitioned(init_fn: Initializer, names: Sequence[str | None]) -> Initializer:
@@ -121,6 +122,22 @@ class DenseGeneral(nn.Module):
     return y + bias.astype(self.dtype)
 
 
+def _project_qkv(inputs_q: Array, inputs_kv: Array, num_heads: int, head_dim: int, dtype,
+                 param_dtype) -> tuple[Array, Array, Array]:
+  """Query/key/value projections to [B, L, heads, head_dim], named query/key/value.
+
+  Called from an attention module's compact __call__, so the projections are its children.
+  """
+
+  def proj(name):
+    return DenseGeneral((num_heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"),
+                        dtype=dtype, param_dtype=param_dtype, name=name)
+
+  return (constrain(proj("query")(inputs_q), ACT_HEADS),
+          constrain(proj("key")(inputs_kv), ACT_HEADS),
+          constrain(proj("value")(inputs_kv), ACT_HEADS))
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head dot-product attention with logically named q/k/v/out projections.
 
@@ -158,14 +175,8 @@ class MultiHeadAttention(nn.Module):
                        f"num_heads={self.num_heads}.")
     head_dim = features // self.num_heads
 
-    def proj(name):
-      return DenseGeneral((self.num_heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"),
-                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-
-    head_names = ("act_batch", "act_len", "act_heads", None)
-    q = constrain(proj("query")(inputs_q), head_names)
-    k = constrain(proj("key")(inputs_kv), head_names)
-    v = constrain(proj("value")(inputs_kv), head_names)
+    q, k, v = _project_qkv(inputs_q, inputs_kv, self.num_heads, head_dim, self.dtype,
+                           self.param_dtype)
 
     q = q / jnp.sqrt(head_dim).astype(q.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
@@ -177,7 +188,7 @@ class MultiHeadAttention(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     probs = nn.Dropout(rate=self.dropout)(probs, deterministic=not train)
     x = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    x = constrain(x, head_names)
+    x = constrain(x, ACT_HEADS)
 
     return DenseGeneral((out_features,), ("heads", "kv", "embed"), ("embed",), in_ndim=2,
                         dtype=self.dtype, param_dtype=self.param_dtype, name="out")(x)
@@ -286,14 +297,7 @@ class KVCacheAttention(nn.Module):
                        f"num_heads={self.num_heads}.")
     head_dim = width // self.num_heads
 
-    def proj(name):
-      return DenseGeneral((self.num_heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"),
-                          dtype=self.dtype, param_dtype=self.param_dtype, name=name)
-
-    head_names = ("act_batch", "act_len", "act_heads", None)
-    q = constrain(proj("query")(x), head_names)
-    k = constrain(proj("key")(x), head_names)
-    v = constrain(proj("value")(x), head_names)
+    q, k, v = _project_qkv(x, x, self.num_heads, head_dim, self.dtype, self.param_dtype)
     if cache is not None:
       start = (0, position, 0, 0)
       k = jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start)
@@ -309,7 +313,7 @@ class KVCacheAttention(nn.Module):
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     probs = nn.Dropout(rate=self.dropout)(probs, deterministic=not train)
-    y = constrain(jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype)), head_names)
+    y = constrain(jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype)), ACT_HEADS)
     y = DenseGeneral((width,), ("heads", "kv", "embed"), ("embed",), in_ndim=2,
                      dtype=self.dtype, param_dtype=self.param_dtype, name="out")(y)
     return y, cache

@@ -13,11 +13,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from vljax import decode
-from vljax import losses
 from vljax.configlib import ConfigError
 from vljax.models import coca
+from vljax.objectives import contrastive
 
-LOSSES = ("softmax", "sigmoid")
 
 
 def captioning_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
@@ -51,19 +50,9 @@ class CocaObjective:
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer):
     self.loss_cfg = config.loss
-    if self.loss_cfg.kind not in LOSSES:
-      raise ConfigError(f"config.loss.kind={self.loss_cfg.kind!r}; choose one of {LOSSES}.")
     if self.loss_cfg.contrastive_weight < 0 or self.loss_cfg.captioning_weight < 0:
       raise ConfigError("config.loss.contrastive_weight and captioning_weight must be >= 0.")
-    model_cfg = config.model.to_dict()
-    model_cfg["text"] = dict(model_cfg["text"], vocab_size=tokenizer.vocab_size,
-                             pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
-                             max_len=config.data.max_len)
-    if self.loss_cfg.kind == "softmax" and model_cfg.get("bias_init") is not None:
-      raise ConfigError("config.model.bias_init is only used by the sigmoid loss; set it to "
-                        "None for config.loss.kind='softmax'.")
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.dtype]
-    self.model = coca.CoCa(**model_cfg, dtype=dtype)
+    self.model = coca.CoCa(**contrastive.model_kwargs(config, tokenizer))
     self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
     self.bos_id = tokenizer.vocab_size
 
@@ -74,17 +63,8 @@ class CocaObjective:
               rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     out = self.model.apply({"params": params}, batch["image"], batch["text"], train=True,
                            rngs={"dropout": rng})
-    scale = out["scale"]
-    if self.loss_cfg.get("max_scale") is not None:
-      scale = jnp.minimum(scale, self.loss_cfg.max_scale)
-    metrics = {"scale": scale}
-    if self.loss_cfg.kind == "sigmoid":
-      bias = out.get("bias", jnp.zeros((), jnp.float32))
-      metrics["bias"] = bias
-      con = losses.sigmoid_loss(out["zimg"], out["ztxt"], scale, bias,
-                                chunked=self.loss_cfg.chunked)
-    else:
-      con = losses.softmax_loss(out["zimg"], out["ztxt"], scale)
+    con, metrics = contrastive.contrastive_loss(self.loss_cfg, out["zimg"], out["ztxt"],
+                                                out["scale"], out.get("bias"))
     targets = batch["text"]
     mask = coca.caption_mask(targets, self.pad_id, self.eos_id)
     cap, acc = captioning_loss(out["logits"], targets, mask, self.loss_cfg.label_smoothing)
