@@ -20,5 +20,10 @@ setuptools.setup(
         "pillow",
         "tensorboardX>=2.6",
     ],
-    extras_require={"test": ["pytest>=8", "pycocoevalcap>=1.2"]},
+    extras_require={
+        # TFDS sources (tfds:NAME) read prepared datasets without a TensorFlow runtime.
+        "tfds": ["tensorflow-datasets>=4.9"],
+        # pycocoevalcap: the COCO caption toolkit the CIDEr-D/BLEU-4 tests compare against.
+        "test": ["pytest>=8", "pycocoevalcap>=1.2", "tensorflow-datasets>=4.9"],
+    },
 )

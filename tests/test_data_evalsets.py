@@ -155,7 +155,7 @@ def tfds_dir(tmp_path_factory):
 
   Images are passed encoded (PNG file objects): encoding arrays would need TF.
   """
-  tfds = pytest.importorskip('tensorflow_datasets')
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (test extra)
 
   class VljaxTinyCls(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version('1.0.0')
