@@ -18,21 +18,10 @@ from vljax.data import evalsets
 from vljax.data import pipeline
 from vljax.data import preprocess
 from vljax.data import sources
-from vljax.data import tokenizer as tokenizer_lib
 
-from tests.test_data_sources import image_bytes, write_shards
+from tests.test_data_sources import MAX_LEN, SIZE, image_bytes, write_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MAX_LEN = 12
-SIZE = 16
-
-
-@pytest.fixture(scope='module')
-def tok(tmp_path_factory):
-  cache = str(tmp_path_factory.mktemp('tok'))
-  return tokenizer_lib.Tokenizer(tokenizer_lib.train_synthetic_tokenizer(cache))
-
-
 def data_config(**kw) -> ml_collections.ConfigDict:
   c = configlib.base_train_config().data
   c.image_size, c.max_len, c.eval_examples = SIZE, MAX_LEN, 100

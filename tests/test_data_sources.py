@@ -20,16 +20,9 @@ from vljax.data import formats
 from vljax.data import mixture
 from vljax.data import pipeline
 from vljax.data import sources
-from vljax.data import tokenizer as tokenizer_lib
 
 MAX_LEN = 12
 SIZE = 16
-
-
-@pytest.fixture(scope='module')
-def tok(tmp_path_factory):
-  cache = str(tmp_path_factory.mktemp('tok'))
-  return tokenizer_lib.Tokenizer(tokenizer_lib.train_synthetic_tokenizer(cache))
 
 
 def image_bytes(seed: int, fmt: str = 'JPEG', size=(20, 14)) -> bytes:

@@ -8,7 +8,6 @@ checkpoint's step.
 """
 from __future__ import annotations
 
-import os
 
 from absl import logging
 
@@ -17,23 +16,12 @@ from vljax import main as main_lib
 
 def evaluate(config, workdir: str) -> dict[str, float]:
   import jax  # pylint: disable=g-import-not-at-top
-  from vljax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from vljax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from vljax import sharding, train  # pylint: disable=g-import-not-at-top
-  from vljax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   train.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
-  tokenizer = tokenizer_lib.get_tokenizer(config.tokenizer.path or None)
-  setup = train.build(config, tokenizer, mesh, epoch_size=len(train.train_source(config)))
-  checkpointer = ckpt_lib.Checkpointer(workdir, 0, 1, async_save=False)
-  restored = checkpointer.restore(setup.abstract_state)
-  checkpointer.close()
-  if restored is None:
-    raise FileNotFoundError(
-        f"No checkpoint under {os.path.join(os.path.abspath(workdir), 'checkpoints')}: train "
-        f"first with python -m vljax.main --config=... --workdir={workdir}.")
-  step, state, _ = restored
+  setup, tokenizer, step, state = train.load_latest(config, workdir, mesh)
   evaluator = train.make_evaluator(config, setup.objective, tokenizer, mesh, setup.rules)
   results = evaluator(state.params)
   writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard)

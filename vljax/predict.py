@@ -35,19 +35,11 @@ def load(workdir: str):
   import ml_collections  # pylint: disable=g-import-not-at-top
   from vljax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from vljax import sharding, train  # pylint: disable=g-import-not-at-top
-  from vljax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 
   config = ml_collections.ConfigDict(ckpt_lib.read_config(workdir))
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
-  tokenizer = tokenizer_lib.get_tokenizer(config.tokenizer.path or None)
-  setup = train.build(config, tokenizer, mesh, epoch_size=None if config.get(
-      "total_epochs") is None else len(train.train_source(config)))
-  checkpointer = ckpt_lib.Checkpointer(workdir, 0, 1, async_save=False)
-  restored = checkpointer.restore(setup.abstract_state)
-  checkpointer.close()
-  if restored is None:
-    raise FileNotFoundError(f"No checkpoint under {os.path.join(workdir, 'checkpoints')}.")
-  return config, tokenizer, setup.objective, restored[1].params, mesh, setup.rules
+  setup, tokenizer, _, state = train.load_latest(config, workdir, mesh)
+  return config, tokenizer, setup.objective, state.params, mesh, setup.rules
 
 
 def predict(workdir: str, paths: list[str], labels: list[str] | None = None) -> list[dict]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any, Callable
 
@@ -234,6 +235,28 @@ def make_evaluator(config, objective, tokenizer, mesh, rules):
   from vljax import evals  # pylint: disable=g-import-not-at-top
   eval_sets = evalsets.load_eval_sets(config.data, tokenizer)
   return evals.build_evaluator(config, objective, eval_sets, tokenizer, mesh, rules)
+
+
+def load_latest(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
+  """Builds `config`'s objective and restores WORKDIR's latest checkpoint onto `mesh`.
+
+  Returns (setup, tokenizer, step, state); used by evaluation and prediction.
+  """
+  tokenizer = tokenizer_lib.get_tokenizer(config.tokenizer.path or None)
+  # The training source is only opened when a duration in epochs needs its size.
+  epoch_size = (None if config.get("total_epochs") is None else len(train_source(config)))
+  setup = build(config, tokenizer, mesh, epoch_size=epoch_size)
+  checkpointer = ckpt_lib.Checkpointer(workdir, 0, 1, async_save=False)
+  try:
+    restored = checkpointer.restore(setup.abstract_state)
+  finally:
+    checkpointer.close()
+  if restored is None:
+    raise FileNotFoundError(
+        f"No checkpoint under {os.path.join(os.path.abspath(workdir), 'checkpoints')}: train "
+        f"first with python -m vljax.main --config=... --workdir={workdir}.")
+  step, state, _ = restored
+  return setup, tokenizer, step, state
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:

@@ -194,6 +194,18 @@ class MultiHeadAttention(nn.Module):
                         dtype=self.dtype, param_dtype=self.param_dtype, name="out")(x)
 
 
+def _mlp_residual(block: nn.Module, x: Array, train: bool) -> Array:
+  """x + Dropout(MLP(LayerNorm(x))): the second half of every pre-LN transformer block.
+
+  Called from the block's compact __call__, so LayerNorm_1 and MlpBlock_0 are its children.
+  """
+  y = layer_norm(block.dtype, block.param_dtype, name="LayerNorm_1")(x)
+  y = MlpBlock(block.mlp_dim, dropout=block.dropout, dtype=block.dtype,
+               param_dtype=block.param_dtype, name="MlpBlock_0")(y, train)
+  y = nn.Dropout(rate=block.dropout)(y, deterministic=not train)
+  return constrain(x + y, ACT_SEQ)
+
+
 class EncoderBlock(nn.Module):
   """Pre-LN transformer block: x + Attn(LN(x)); x + MLP(LN(x))."""
   mlp_dim: int
@@ -212,11 +224,7 @@ class EncoderBlock(nn.Module):
     y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
     x = constrain(x + y, ACT_SEQ)
 
-    y = layer_norm(self.dtype, self.param_dtype, name="LayerNorm_1")(x)
-    y = MlpBlock(self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="MlpBlock_0")(y, train)
-    y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
-    return constrain(x + y, ACT_SEQ)
+    return _mlp_residual(self, x, train)
 
 
 class Encoder(nn.Module):
@@ -359,11 +367,7 @@ class DecoderBlock(nn.Module):
                                  y, context, None, train)
       y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
       x = constrain(x + y, ACT_SEQ)
-    y = layer_norm(self.dtype, self.param_dtype, name="LayerNorm_1")(x)
-    y = MlpBlock(self.mlp_dim, dropout=self.dropout, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="MlpBlock_0")(y, train)
-    y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
-    return constrain(x + y, ACT_SEQ), cache
+    return _mlp_residual(self, x, train), cache
 
 
 class AttentionalPooler(nn.Module):
