@@ -4,7 +4,9 @@ Paper recipe (`scale=paper`): ViT-B/16 image tower with a class token at 224 px,
 transformer (width 512, 12 layers, 8 heads) pooled at the end-of-text token, 64 tokens of a 32k
 vocabulary, global batch 32k, learnable temperature initialised to 1/0.07 and capped at 100, no
 bias; Adam with beta2=0.98, eps=1e-6, weight decay 0.2, 2k warmup steps, cosine decay, 32 epochs
-of 400M pairs.
+of 400M pairs. The paper's 0.2 is PyTorch AdamW's decay, which is multiplied by the learning
+rate (a per-step decay of lr_t * 0.2); vljax's decay is not (docs/optim.md), so the equivalent
+is wd = 0.2 * 5e-4 = 1e-4.
 
 Arguments (comma-separated k=v): scale=laptop|tiny|paper (default laptop), variant=B/16.
 """
@@ -31,7 +33,7 @@ def get_config(arg=None):
     c.batch_size = 32_768
     c.total_examples = 32 * 400_000_000
     c.optim.lr = 5e-4
-    c.optim.wd = 0.2
+    c.optim.wd = 0.2 * 5e-4  # the paper's lr-coupled 0.2, converted (docstring)
     c.optim.b2 = 0.98
     c.optim.eps = 1e-6
     c.optim.warmup_steps = 2000

@@ -6,8 +6,11 @@ here. Two attentional poolers: 1 query for the contrastive embedding, 256 for th
 decoder of width 768 (12 heads, MLP 3072) with 12 unimodal and 12 multimodal layers. Captioning
 and contrastive losses weighted 2:1 (softmax contrastive, learnable temperature), global batch
 65,536, 64k sentencepiece vocabulary (set config.tokenizer.path), 64-token captions,
-500k steps with 2% warmup. The paper trains with Adafactor (b1 0.9, b2 0.999, decoupled weight
-decay 0.01, lr 8e-4); vljax uses AdamW with those betas, weight decay and peak learning rate.
+500k steps with 2% warmup. The paper trains with Adafactor (b1 0.9, b2 0.999, weight decay 0.01,
+lr 8e-4); vljax uses AdamW with those betas and peak learning rate. The weight decay is a
+conversion: the paper's lingvo/praxis implementation multiplies the 0.01 by the learning rate,
+vljax's decay is not (docs/optim.md), so the equivalent is wd = 0.01 * 8e-4 = 8e-6 (a per-step
+decay of 0.01 over 500k steps would erase the weights).
 
 Arguments (comma-separated k=v): scale=laptop|tiny|paper (default laptop: trains on the
 embedded synthetic data on a 2-core CPU in about five minutes), variant=B/18 (image encoder
@@ -42,7 +45,7 @@ def get_config(arg=None):
     c.batch_size = 65_536
     c.total_steps = 500_000
     c.optim.lr = 8e-4
-    c.optim.wd = 0.01
+    c.optim.wd = 0.01 * 8e-4  # the paper's lr-coupled 0.01, converted (docstring)
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.warmup_steps = 10_000

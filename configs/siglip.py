@@ -3,7 +3,9 @@
 Paper recipe (`scale=paper`): ViT-B/16 image tower with a MAP head at 224 px, a B-sized text
 transformer over 64 tokens of a 32k sentencepiece vocabulary, global batch 32k, learnable
 log-temperature initialised to log 10 and bias to -10, sigmoid loss chunked across devices.
-Set config.tokenizer.path to the 32k sentencepiece model for real data.
+Set config.tokenizer.path to the 32k sentencepiece model for real data. Optimizer: big_vision's
+recipe, lr 1e-3 and weight decay 1e-4; big_vision's decay is already decoupled like vljax's
+(not multiplied by the learning rate, see docs/optim.md), so both values are taken as they are.
 
 Arguments (comma-separated k=v): scale=laptop|tiny|paper (default laptop: trains on the embedded
 synthetic data on a 2-core CPU in minutes), variant=B/16 (image tower for scale=paper),

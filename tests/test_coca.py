@@ -173,7 +173,7 @@ def test_predict_prints_captions_and_labels(tmp_path, capsys):
   from vljax import evaluate, metrics, predict, train  # pylint: disable=g-import-not-at-top
   from vljax.data import synthetic  # pylint: disable=g-import-not-at-top
   config = configlib.load_config_file(os.path.join(ROOT, "configs", "coca.py:scale=tiny"))
-  configlib.apply_overrides(config, ["eval.every_steps=0", "data.eval_examples=32",
+  configlib.apply_overrides(config, ["eval.every_steps=0", "eval.max_examples.retrieval=32",
                                      "tensorboard=false"])
   workdir = str(tmp_path / "run")
   final = train.run(config, workdir)
@@ -191,7 +191,8 @@ def test_predict_prints_captions_and_labels(tmp_path, capsys):
     path = str(tmp_path / f"img{i}.png")
     Image.fromarray(np.asarray(source[i]["image"], np.uint8)).save(path)
     paths.append(path)
-  results = predict.predict(workdir, paths, ["red circle", "blue square", "green cross"])
+  predictor = predict.load(workdir)
+  results = predictor.predict(paths, ["red circle", "blue square", "green cross"])
   assert [r["path"] for r in results] == paths
   for r in results:
     assert isinstance(r["caption"], str)
@@ -224,5 +225,6 @@ def test_captioning_evaluator_groups_references_and_scores(tokenizer):
   metrics = evaluator(None)
   expected = captioning.compute_scores([captions[:2], captions[2:]], answers)
   assert metrics == pytest.approx({"eval/cider": expected["cider"],
-                                   "eval/bleu4": expected["bleu4"]})
+                                   "eval/bleu4": expected["bleu4"],
+                                   "eval/captioning_examples": 2.0})
   assert evaluator.parts[0].last_captions == answers

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from vljax import configlib, sharding, train
+from vljax.data import tokenizer as tokenizer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -25,6 +26,8 @@ def test_parse_arg_types_and_unknown_key():
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 @pytest.mark.parametrize("arg", ["", "scale=tiny", "scale=paper"])
 def test_every_config_loads_and_validates(path, arg):
+  if path.endswith("lit.py"):  # LiT starts from a trained run's image tower
+    arg = ",".join(a for a in (arg, "init=/runs/siglip") if a)
   config = configlib.load_config_file(f"{path}:{arg}" if arg else path)
   assert config.objective
   # The paper recipes describe the global batch of 32k on (say) 256 chips.
@@ -73,15 +76,34 @@ def test_impossible_settings_name_the_key_and_fix():
 def test_cli_reports_config_errors_before_compiling(tmp_path):
   siglip = os.path.join(ROOT, "configs", "siglip.py")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  for extra, expected in [("--config.optim.bogus=1", "Unknown config key 'config.optim.bogus'"),
-                          ("--config.batch_size=7", "config.batch_size=7 does not divide")]:
+  with open(tmp_path / "train.jsonl", "w") as f:
+    f.write('{"image": "a.jpg", "caption": "a dog"}\n')
+  cases = [
+      (["--config.optim.bogus=1"], "Unknown config key 'config.optim.bogus'"),
+      (["--config.batch_size=7"], "config.batch_size=7 does not divide"),
+      (["--config.mesh.data=16"], "config.mesh={'data': 16, 'fsdp': 1} needs 16 devices"),
+      # Real captions with the synthetic tokenizer would fall apart into characters.
+      ([f"--config.data.train=jsonl:{tmp_path}/train.jsonl"],
+       "config.tokenizer.path is empty"),
+      ([f"--config.data.eval_retrieval=jsonl:{tmp_path}/missing/val.jsonl",
+        "--config.eval.every_steps=0"],
+       f"config.data.eval_retrieval='jsonl:{tmp_path}/missing/val.jsonl'"),
+      ([f"--config.data.train=jsonl:{tmp_path}/train.jsonl",
+        f"--config.tokenizer.path={tokenizer_lib.train_synthetic_tokenizer()}"],
+       f"config.data.train='jsonl:{tmp_path}/train.jsonl'"),  # its one image is missing
+      (["--config.optim.freeze=['^img/']"], "config.init.path is empty"),
+  ]
+  for extra, expected in cases:
+    workdir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "vljax.main", f"--config={siglip}:scale=tiny",
-         f"--workdir={tmp_path}", extra],
+         f"--workdir={workdir}", *extra],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert expected in proc.stderr
-    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Config error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Compiled" not in proc.stderr
+    assert not os.path.exists(workdir / "checkpoints")
 
 
 def test_durations_in_steps_examples_or_epochs():
@@ -94,3 +116,35 @@ def test_durations_in_steps_examples_or_epochs():
   assert configlib.steps_for(config, "total", global_batch=64, epoch_size=512) == 20
   with pytest.raises(configlib.ConfigError, match="finite dataset size"):
     configlib.steps_for(config, "total", global_batch=64, epoch_size=None)
+
+
+def test_last_duration_on_the_command_line_wins():
+  config = configlib.load_config_file(os.path.join(ROOT, "configs", "siglip.py"))
+  assert config.total_steps is not None
+  notes = []
+  configlib.apply_overrides(config, ["total_epochs=5", "optim.warmup_examples=640"], notes)
+  assert (config.total_steps, config.total_examples, config.total_epochs) == (None, None, 5)
+  assert (config.optim.warmup_steps, config.optim.warmup_examples) == (None, 640)
+  assert configlib.steps_for(config, "total", 64, epoch_size=512) == 40
+  assert configlib.steps_for(config.optim, "warmup", 64, epoch_size=512) == 10
+  assert any("total_epochs=5 replaces config.total_steps" in n for n in notes)
+  # Then steps again: the last one given wins.
+  configlib.apply_overrides(config, ["total_steps=7"], notes)
+  assert (config.total_steps, config.total_epochs) == (7, None)
+  # Other keys ending in _steps are no durations with siblings.
+  configlib.apply_overrides(config, ["log_every_steps=3", "eval.every_steps=5"], notes)
+  assert config.total_steps == 7 and config.log_every_steps == 3
+
+
+def test_run_config_reads_an_older_workdir_with_defaults(tmp_path):
+  config = configlib.load_config_file(os.path.join(ROOT, "configs", "siglip.py"))
+  values = config.to_dict()
+  del values["optim"]["wd_mults"]  # a workdir written before this key existed
+  import json  # pylint: disable=g-import-not-at-top
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(values, f)
+  loaded = configlib.load_run_config(str(tmp_path))
+  assert loaded.optim.wd_mults == configlib.base_train_config().optim.wd_mults
+  assert loaded.model.image.width == config.model.image.width
+  with pytest.raises(configlib.ConfigError, match="No config.json"):
+    configlib.load_run_config(str(tmp_path / "nothing"))

@@ -1,4 +1,5 @@
-"""Tests for the real-data sources: webdataset, jsonl, csv, arrayrecord, mixtures.
+"""Tests for the real-data sources: webdataset, jsonl, csv, arrayrecord, mixtures,
+source spec options, CSV rules and the start-up checks.
 
 Every test writes its own small files (real JPEG/PNG bytes from pillow, real
 tar shards). Each record's label is unique, so batches name their examples.
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from vljax import configlib
 from vljax.configlib import ConfigError
 from vljax.data import formats
 from vljax.data import mixture
@@ -136,8 +138,8 @@ def test_jsonl_and_csv_sources(tok, tmp_path):
   csv_path = tmp_path / 'data.csv'
   csv_path.write_text('file,text\n' + ''.join(
       f'img/{i}.png,"thing, number {i}"\n' for i in range(5)))
-  options = {'image_key': 'file', 'caption_key': 'text'}
-  source = sources.get_source(f'csv:{csv_path}', 'train', SIZE, 0, options)
+  source = sources.get_source(f'csv:{csv_path}?image=file&caption=text', 'train',
+                              SIZE, 0)
   assert len(source) == 5 and source[2]['caption'] == 'thing, number 2'
   assert source[2]['image'] == (tmp_path / 'img' / '2.png').read_bytes()
   # A non-UTF-8 caption in one row spoils only that row.
@@ -165,6 +167,253 @@ def test_unknown_and_empty_sources_fail_at_startup(tmp_path):
     pass
   with pytest.raises(ConfigError, match='empty.tar'):
     sources.get_source(f'webdataset:{tmp_path}/empty.tar', 'train', SIZE, 0)
+
+
+# ------------------------------------------------------------------ spec options
+
+
+def solid_png(value: int) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(np.full((6, 9, 3), value, np.uint8)).save(buf, format='PNG')
+  return buf.getvalue()
+
+
+def write_titled_csv(root, n: int) -> str:
+  """A CSV with its own column names (filepath,title); image i is solid grey 40*i."""
+  os.makedirs(os.path.join(root, 'pics'), exist_ok=True)
+  rows = []
+  for i in range(n):
+    with open(os.path.join(root, 'pics', f'{i}.png'), 'wb') as f:
+      f.write(solid_png(40 * i))
+    rows.append(f'pics/{i}.png,"a red, round thing {i}"\n')
+  path = os.path.join(root, 'train.csv')
+  with open(path, 'w') as f:
+    f.write('filepath,title\n' + ''.join(rows))
+  return path
+
+
+def test_parse_spec_round_trips():
+  for spec in ('synthetic', 'jsonl:/d/val.jsonl',
+               'csv:train.csv?image=filepath&caption=title',
+               'jsonl:val.jsonl?image=file&caption=captions&label=cls',
+               'tfds:coco_captions:val?caption=captions/text',
+               'webdataset:/d/{000..009}.tar?caption=text',
+               'webdataset:/d/0000?.tar', 'webdataset:/d/0000?.tar?caption=text',
+               'arrayrecord:/d/x-?????-of-00004.arrayrecord'):
+    kind, arg, options = sources.parse_spec(spec)
+    assert sources.format_spec(kind, arg, options) == spec
+    assert sources.parse_spec(sources.format_spec(kind, arg, options)) == (
+        kind, arg, options)
+  # Options come only from the text after the last '?', and only when it reads
+  # as name=value pairs: the glob wildcards stay in the path.
+  assert sources.parse_spec('webdataset:/d/0000?.tar?caption=text') == (
+      'webdataset', '/d/0000?.tar', {'caption': 'text'})
+  assert sources.parse_spec('arrayrecord:/d/a?.x') == ('arrayrecord', '/d/a?.x', {})
+  # Each mixture component carries its own options.
+  parts = mixture.split_spec('0.7*csv:a.csv?image=fp|0.3*jsonl:b.jsonl')
+  assert [sources.parse_spec(s)[2] for _, s in parts] == [{'image': 'fp'}, {}]
+
+
+def test_unknown_option_lists_the_valid_ones():
+  with pytest.raises(ConfigError, match='csv takes: image, caption, label'):
+    sources.parse_spec('csv:x.csv?imgae=file')
+  with pytest.raises(ConfigError, match='arrayrecord takes no options'):
+    sources.get_source('arrayrecord:/d/x?shard=1', 'train', SIZE, 0)
+  with pytest.raises(ConfigError, match='webdataset takes: caption'):
+    sources.get_source('webdataset:/d/x.tar?image=a', 'train', SIZE, 0)
+  with pytest.raises(ConfigError, match='twice'):
+    sources.parse_spec('jsonl:x?image=a&image=b')
+
+
+def test_csv_columns_belong_to_its_spec_not_to_the_config(tok, tmp_path):
+  # Training reads a CSV with its own column names ...
+  csv_path = write_titled_csv(tmp_path / 'train', 6)
+  # ... while the eval set in the same process is jsonl with the default names.
+  eval_path = write_jsonl(tmp_path / 'eval', 4)
+  data = configlib.base_train_config().data
+  data.update(train=f'csv:{csv_path}?image=filepath&caption=title', eval='',
+              eval_retrieval=f'jsonl:{eval_path}', image_size=SIZE)
+  opened = sources.check_config_sources(data)
+  assert set(opened) == {'config.data.train', 'config.data.eval_retrieval'}
+  it = pipeline.make_train_iterator(opened['config.data.train'], tok, batch_size=3,
+                                    image_size=SIZE, max_len=MAX_LEN, seed=0)
+  want = {i: tok.encode([f'a red, round thing {i}'], MAX_LEN)[0] for i in range(6)}
+  seen = set()
+  for batch in take(it, 4):
+    assert int(batch['_skipped']) == 0
+    for image, text in zip(batch['image'], batch['text']):
+      # The grey level names the row the image came from; the text must be its title.
+      i = round((float(image.mean()) + 1) * 255 / 2 / 40)
+      np.testing.assert_array_equal(text, want[i])
+      seen.add(i)
+  assert seen == set(range(6))
+  ev = pipeline.load_eval_data(opened['config.data.eval_retrieval'], tok,
+                               image_size=SIZE, max_len=MAX_LEN)
+  assert ev['caption'] == [f'thing number {i}' for i in range(4)]
+  # A mixture: each component with its own field names.
+  both = sources.get_source(
+      f'0.5*csv:{csv_path}?image=filepath&caption=title|0.5*jsonl:{eval_path}',
+      'train', SIZE, 0)
+  assert [c.caption_key for c in both.components] == ['title', 'caption']
+  assert both.components[0][2]['caption'] == 'a red, round thing 2'
+
+
+def test_csv_quoting_and_rows_with_wrong_field_counts(tok, tmp_path):
+  os.makedirs(tmp_path / 'img')
+  for i in range(6):
+    (tmp_path / 'img' / f'{i}.png').write_bytes(image_bytes(i, 'PNG'))
+  path = tmp_path / 'data.csv'
+  path.write_text(
+      'image,caption\n'                   # line 1
+      'img/0.png,"comma, inside"\n'       # line 2
+      'img/1.png,"line one\nline two"\n'  # lines 3-4
+      'img/2.png,too,many\n'              # line 5
+      'img/3.png\n'                       # line 6
+      'img/4.png,"say ""hi"""\n'          # line 7
+      '\n'                                # line 8
+      'img/5.png,last\n')                 # line 9
+  source = sources.get_source(f'csv:{path}', 'train', SIZE, 0)
+  records = [formats.SafeSource(source)[i] for i in range(len(source))]
+  assert [r['caption'] for r in records] == [
+      'comma, inside', 'line one\nline two', None, None, 'say "hi"', 'last']
+  assert records[5]['image'] == (tmp_path / 'img' / '5.png').read_bytes()
+  too_many, too_few = records[2]['error'], records[3]['error']
+  assert 'data.csv line 5' in too_many and 'expected 2' in too_many
+  assert 'got 3' in too_many
+  assert 'data.csv line 6' in too_few and 'got 1' in too_few
+  assert records[2]['key'] == 'data.csv:5' and records[3]['key'] == 'data.csv:6'
+  # In training they are skipped and counted like any other bad record.
+  it = pipeline.make_train_iterator(source, tok, batch_size=2, image_size=SIZE,
+                                    max_len=MAX_LEN, seed=0)
+  batches = take(it, 8)  # 16 good examples: four epochs of the 4 good rows
+  assert sum(int(b['_skipped']) for b in batches) >= 6  # the first three epochs' 2 each
+  notes = [k for b in batches for k in b['_skipped_keys']]
+  assert any('line 5' in n and 'got 3' in n for n in notes)
+  assert any('line 6' in n and 'got 1' in n for n in notes)
+
+
+def test_missing_column_or_field_is_a_config_error(tmp_path):
+  csv_path = write_titled_csv(tmp_path, 2)
+  with pytest.raises(ConfigError) as e:
+    sources.get_source(f'csv:{csv_path}', 'train', SIZE, 0)
+  msg = str(e.value)
+  assert csv_path in msg and "'image'" in msg
+  assert "'filepath', 'title'" in msg and '?image=COLUMN' in msg
+  with pytest.raises(ConfigError, match=r"'title2'.*'filepath', 'title'.*\?caption=COLUMN"):
+    sources.get_source(f'csv:{csv_path}?image=filepath&caption=title2', 'train', SIZE, 0)
+  # A label column is optional unless the spec names one.
+  assert sources.get_source(f'csv:{csv_path}?image=filepath&caption=title',
+                            'train', SIZE, 0)[0]['label'] == -1
+  with pytest.raises(ConfigError, match="'cls'"):
+    sources.get_source(f'csv:{csv_path}?image=filepath&caption=title&label=cls',
+                       'train', SIZE, 0)
+  # jsonl: when none of the first records has the field, list the keys they have.
+  path = tmp_path / 'v.jsonl'
+  path.write_text('\n'.join(json.dumps({'file': f'{i}.png', 'text': 'x'})
+                            for i in range(3)))
+  with pytest.raises(ConfigError, match=r"'image'.*'file', 'text'.*\?image=FIELD"):
+    sources.get_source(f'jsonl:{path}', 'train', SIZE, 0)
+  assert len(sources.get_source(f'jsonl:{path}?image=file&caption=text', 'train',
+                                SIZE, 0)) == 3
+  # TFDS: a named feature the examples lack; nested ones are listed with '/'.
+  examples = [{'image': np.zeros((4, 4, 3), np.uint8), 'label': 1,
+               'captions': {'text': np.array([b'a cat'])}}]
+  with pytest.raises(ConfigError, match=r"'captions/txt'.*captions/text, image, label"):
+    formats.Tfds('tiny', 'train', text_key='captions/txt', data_source=examples,
+                 required=('captions/txt',))
+  found = formats.Tfds('tiny', 'train', text_key='captions/text', data_source=examples,
+                       required=('captions/text',))
+  assert found[0]['caption'] == ['a cat']
+
+
+def test_webdataset_glob_wildcard_and_json_caption_option(tmp_path):
+  write_shards(tmp_path / 'wds', 3, 4)
+  for spec in (f'webdataset:{tmp_path}/wds/0000?.tar',
+               f'webdataset:{tmp_path}/wds/0000?.tar?caption=caption',
+               f'webdataset:{tmp_path}/wds/0000[01].tar'):
+    source = sources.get_source(spec, 'train', SIZE, 0)
+    assert len(source) == (8 if '[' in spec else 12)
+  # img2dataset writes both KEY.txt and KEY.json; a json field named in the spec
+  # is read, not shadowed by the .txt.
+  with tarfile.open(tmp_path / 'both.tar', 'w') as tar:
+    _add(tar, 'k0.jpg', image_bytes(0))
+    _add(tar, 'k0.txt', b'short')
+    _add(tar, 'k0.json', json.dumps({'caption': 'short', 'recap': 'long'}).encode())
+  get = lambda spec: sources.get_source(spec, 'train', SIZE, 0)
+  assert get(f'webdataset:{tmp_path}/both.tar')[0]['caption'] == b'short'
+  assert get(f'webdataset:{tmp_path}/both.tar?caption=recap')[0]['caption'] == 'long'
+  error = formats.SafeSource(get(f'webdataset:{tmp_path}/both.tar?caption=text'))[0]['error']
+  assert "'text'" in error and "'caption', 'recap'" in error
+
+
+# ------------------------------------------------------------------ start-up checks
+
+
+def test_check_source_names_the_config_key_for_a_missing_path(tmp_path):
+  spec = f'jsonl:{tmp_path}/x/val.jsonl'
+  with pytest.raises(ConfigError) as e:
+    sources.check_source(spec, 'config.data.eval_retrieval', 'heldout', SIZE, 0)
+  msg = str(e.value)
+  assert msg.startswith(f"config.data.eval_retrieval={spec!r}: no file matches ")
+  assert 'Fix:' in msg and '\n' not in msg
+  # An empty file, a missing image folder and a missing mixture component, too.
+  empty = tmp_path / 'empty.jsonl'
+  empty.write_text('\n')
+  with pytest.raises(formats.EmptySourceError, match=r"^config\.data\.eval='jsonl:.*empty"):
+    sources.check_source(f'jsonl:{empty}', 'config.data.eval', 'heldout', SIZE, 0)
+  with pytest.raises(ConfigError, match=r"^config\.data\.eval_zeroshot='imagefolder:"):
+    sources.check_source(f'imagefolder:{tmp_path}/none', 'config.data.eval_zeroshot',
+                         'heldout', SIZE, 0, require_caption=False)
+  good = write_jsonl(tmp_path / 'ok', 3)
+  mix = f'0.5*jsonl:{good}|0.5*csv:{tmp_path}/nope.csv'
+  with pytest.raises(ConfigError) as e:
+    sources.check_source(mix, 'config.data.train', 'train', SIZE, 0)
+  assert str(e.value).startswith(
+      f"config.data.train={mix!r}, component 'csv:{tmp_path}/nope.csv': no file matches")
+  # Spec errors are reported with the key as well.
+  with pytest.raises(ConfigError, match=r"^config\.data\.train='csv:x\?imgae=f': unknown option"):
+    sources.check_source('csv:x?imgae=f', 'config.data.train', 'train', SIZE, 0)
+
+
+def test_check_source_fails_when_every_probed_record_is_bad(tmp_path):
+  pattern = write_shards(tmp_path / 'wds', 2, 4, bad={i: 'corrupt' for i in range(8)})
+  spec = f'webdataset:{pattern}'
+  # Opening alone succeeds: the damage is inside the records.
+  assert len(sources.get_source(spec, 'train', SIZE, 0)) == 8
+  with pytest.raises(ConfigError) as e:
+    sources.check_source(spec, 'config.data.train', 'train', SIZE, 0)
+  msg = str(e.value)
+  assert msg.startswith(f'config.data.train={spec!r}: no usable record among the 8 read')
+  assert 'cannot decode image' in msg and '\n' not in msg
+  # Images fine but no caption: fatal for retrieval, fine for zero-shot.
+  path = write_jsonl(tmp_path / 'j', 4, bad={i: 'empty_caption' for i in range(4)})
+  with pytest.raises(ConfigError, match='no usable caption'):
+    sources.check_source(f'jsonl:{path}', 'config.data.eval_retrieval', 'heldout',
+                         SIZE, 0)
+  assert len(sources.check_source(f'jsonl:{path}', 'config.data.eval_zeroshot',
+                                  'heldout', SIZE, 0, require_caption=False)) == 4
+
+
+def test_check_source_passes_with_some_bad_records(tok, tmp_path, caplog):
+  bad = {1: 'corrupt', 2: 'truncated', 5: 'no_image'}
+  pattern = write_shards(tmp_path / 'wds', 2, 4, bad=bad)
+  source = sources.check_source(f'webdataset:{pattern}', 'config.data.train', 'train',
+                                SIZE, 0)
+  assert 'unusable' in caplog.text
+  # The opened source is returned, ready for the pipeline.
+  batches = list(pipeline.make_train_iterator(
+      source, tok, batch_size=1, image_size=SIZE, max_len=MAX_LEN, seed=0,
+      num_epochs=1))
+  assert not set(labels_of(batches)) & set(bad)
+  # The probe reaches past the first records: a head of bad records longer than
+  # the probe itself is not fatal.
+  head_bad = write_shards(tmp_path / 'h', 1, 40, bad={i: 'corrupt' for i in range(20)})
+  assert len(sources.check_source(f'webdataset:{head_bad}', 'config.data.train',
+                                  'train', SIZE, 0, probe=16)) == 40
+  # A mixture is checked (and returned) component by component.
+  mix = sources.check_source(f'0.5*webdataset:{pattern}|0.5*synthetic',
+                             'config.data.train', 'train', SIZE, 0)
+  assert isinstance(mix, mixture.Mixture) and len(mix.components) == 2
 
 
 # ------------------------------------------------------------------ pipeline

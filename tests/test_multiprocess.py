@@ -25,7 +25,8 @@ def _command(workdir, *extra):
   return [sys.executable, "-m", "vljax.main",
           f"--config={os.path.join(ROOT, 'configs', 'siglip.py')}:scale=tiny",
           f"--workdir={workdir}", "--config.total_steps=4", "--config.eval.every_steps=0",
-          "--config.data.eval_examples=64", "--config.tensorboard=false", *extra]
+          "--config.eval.max_examples.zeroshot=64", "--config.eval.max_examples.retrieval=64",
+          "--config.tensorboard=false", *extra]
 
 
 def _env(devices):

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -17,8 +18,9 @@ from vljax.checkpoint import CheckpointError, load_exported_params, read_config
 from vljax.data import tokenizer as tokenizer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs",
-                                                                             "*.py")))
+# Every config that trains from scratch; lit.py starts from a trained run (its own test below).
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not p.endswith("lit.py"))
 
 
 def tiny_config(name: str, *overrides: str):
@@ -127,7 +129,8 @@ def test_nan_loss_stops_or_skips(tokenizer, monkeypatch, tmp_path):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_runs_end_to_end(name, tmp_path):
   workdir = str(tmp_path)
-  config = tiny_config(name, "eval.every_steps=0", "data.eval_examples=64")
+  config = tiny_config(name, "eval.every_steps=0", "eval.max_examples.zeroshot=64",
+                       "eval.max_examples.retrieval=64")
   final = train.run(config, workdir)
   rows = metrics.read_metrics(workdir)
   train_rows = [r for r in rows if "train/loss" in r]
@@ -140,7 +143,11 @@ def test_config_runs_end_to_end(name, tmp_path):
   for key in ("eval/i2t_recall@1", "eval/t2i_recall@5", "eval/i2t_recall@10"):
     assert 0.0 <= eval_rows[0][key] <= 1.0
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
-  assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+  # TensorBoard shows exactly the names metrics.jsonl has ('@' included).
+  names = {k for r in rows for k in r if k != "step"}
+  assert _event_tags(os.path.join(workdir, "tensorboard")) == names
+  assert any("@" in n for n in names)
+  assert final["eval/zeroshot_examples"] == 64 and final["eval/retrieval_images"] == 64
   assert read_config(workdir) == read_config(os.path.join(workdir, "export")) == \
       json.loads(config.to_json())
   exported = load_exported_params(os.path.join(workdir, "export"))
@@ -158,10 +165,37 @@ def test_config_runs_end_to_end(name, tmp_path):
       path = os.path.join(folder, name)
       with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)
-  with pytest.raises(CheckpointError, match=r"checkpoints/4 could not be restored.*Move it "
-                     r"aside"):
+  with pytest.raises(CheckpointError, match=r"checkpoints/4 could not be restored.*Nothing was "
+                     r"deleted.*on_restore_error=previous"):
     train.run(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  if name != "siglip":
+    return
+  # Falling back: the broken checkpoint is moved aside (not deleted), training resumes from
+  # step 2, and metrics.jsonl keeps one row per step.
+  configlib.apply_overrides(config, ["checkpoint.on_restore_error=previous"])
+  train.run(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  aside = os.listdir(os.path.join(workdir, "unrestorable_checkpoints"))
+  assert len(aside) == 1 and aside[0].startswith("4-")
+  steps = [r["step"] for r in metrics.read_metrics(workdir) if "train/loss" in r]
+  assert steps == [1, 2, 3, 4]
+
+
+def _event_tags(logdir):
+  """Scalar tags in TensorBoard event files, read as TFRecords without TensorBoard."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  tags = set()
+  for path in glob.glob(os.path.join(logdir, "events.out.tfevents.*")):
+    with open(path, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4  # length, its crc, the record, its crc
+      tags.update(v.tag for v in event.summary.value)
+  return tags
 
 
 def _cli(workdir, *extra):
@@ -206,9 +240,67 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
   assert sorted(os.listdir(ckpt_dir), key=int) == ["40", "50", "60"]
   a, b = _losses(straight), _losses(killed)
   assert sorted(a) == sorted(b) == list(range(1, 61))
+  # The steps the resumed run repeated replaced the killed run's rows instead of doubling them.
+  steps = [r["step"] for r in metrics.read_metrics(killed) if "train/loss" in r]
+  assert steps == list(range(1, 61))
   for step in range(1, 61):
     assert b[step] == a[step], f"step {step}: resumed {b[step]} != uninterrupted {a[step]}"
   pa = load_exported_params(os.path.join(straight, "export"))
   pb = load_exported_params(os.path.join(killed, "export"))
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path):
+  workdir = str(tmp_path / "run")
+  # No periodic checkpoint before the end: the one after SIGTERM is the preemption save.
+  command = _cli(workdir, "--config.total_steps=2000", "--config.checkpoint.every_steps=5000")
+  proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(path) and sum(1 for _ in open(path)) >= 5:
+      break
+    time.sleep(0.01)  # polling for the file system, not waiting for time to pass
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+  assert len(saved) == 1 and 5 <= saved[0] < 2000, saved
+  assert f"Stopped at step {saved[0]} on SIGTERM" in stderr
+  assert not os.path.exists(os.path.join(workdir, "export"))  # the run is not finished
+  # The console carries vljax's lines only, not the checkpoint library's INFO chatter.
+  assert "orbax" not in stderr.lower() and "tensorboardx" not in stderr.lower()
+
+
+def test_console_filter_knows_vljax_from_libraries_in_a_clone_named_vljax():
+  from vljax import main as main_lib  # pylint: disable=g-import-not-at-top
+  package = os.path.dirname(os.path.abspath(train.__file__))
+  clone = os.path.dirname(package)  # e.g. /home/me/vljax, with .venv inside
+  assert main_lib.is_own_source(train.__file__)
+  assert main_lib.is_own_source(os.path.join(package, "data", "pipeline.py"))
+  library = os.path.join(clone, ".venv", "lib", "python3.11", "site-packages", "orbax",
+                         "checkpoint", "vljax", "manager.py")
+  assert not main_lib.is_own_source(library)
+  assert not main_lib.is_own_source(os.path.join(clone, "vljax_notes", "x.py"))
+
+
+def test_value_and_trainable_grad_matches_the_full_gradient():
+  params = {"img": {"w": np.arange(6.0).reshape(2, 3), "b": np.ones(3)},
+            "txt": {"w": np.linspace(-1, 1, 6).reshape(3, 2)}, "t": np.asarray(0.5)}
+  params = jax.tree.map(np.float32, params)
+  x = np.float32([[1.0, -2.0]])
+
+  def loss_fn(p, inputs):
+    h = jax.numpy.tanh(inputs @ p["img"]["w"] + p["img"]["b"])
+    return jax.numpy.sum((h @ p["txt"]["w"]) ** 2) * p["t"], {"h": h.sum()}
+
+  frozen = {"img": {"w": True, "b": True}, "txt": {"w": False}, "t": False}
+  (loss, aux), grads = train.value_and_trainable_grad(loss_fn, params, frozen, x)
+  (ref_loss, _), ref = jax.value_and_grad(loss_fn, has_aux=True)(params, x)
+  assert float(loss) == pytest.approx(float(ref_loss)) and "h" in aux
+  np.testing.assert_allclose(grads["txt"]["w"], ref["txt"]["w"], rtol=1e-6)
+  np.testing.assert_allclose(grads["t"], ref["t"], rtol=1e-6)
+  assert not np.any(grads["img"]["w"]) and not np.any(grads["img"]["b"])
+  assert np.any(ref["img"]["w"])  # the frozen part does have a gradient in the full problem

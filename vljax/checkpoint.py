@@ -1,9 +1,13 @@
 """Orbax checkpoints: train state + data-iterator state, asynchronous, keep the last K; export.
 
 Layout under WORKDIR:
+  config.json                the resolved config of the run
+  tokenizer.model            the sentencepiece model the run tokenises with
   checkpoints/<step>/state   the TrainState (sharded arrays, restored straight onto the mesh)
   checkpoints/<step>/data    the input iterator state (JSON)
-  export/params              params only, for inference (written at the end of training)
+  export/params              params only, for inference (written at the end of training),
+  export/config.json, export/tokenizer.model
+  unrestorable_checkpoints/<step>   checkpoints moved aside by on_restore_error="previous"
 Orbax writes each step to a temporary directory and renames it when complete, so a run killed
 mid-save leaves the previous checkpoint as the latest one.
 """
@@ -12,10 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+ON_RESTORE_ERROR = ("stop", "previous")
 
 
 class CheckpointError(RuntimeError):
@@ -26,13 +35,17 @@ class Checkpointer:
   """Saves and restores (train state, data-iterator state) pairs."""
 
   def __init__(self, workdir: str, every_steps: int, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
     self.every_steps = every_steps
-    options = ocp.CheckpointManagerOptions(
+    self._options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data"))
+    self.manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(self.directory, options=self._options,
+                                 item_names=("state", "data"))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -45,22 +58,50 @@ class Checkpointer:
         state=ocp.args.StandardSave(state),
         data=ocp.args.JsonSave(data_state or {})), force=True)
 
-  def restore(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
-    """Restores the latest checkpoint onto the shardings of `abstract_state`, or None."""
-    step = self.manager.latest_step()
-    if step is None:
-      return None
-    path = os.path.join(self.directory, str(step))
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    except Exception as e:  # Orbax raises many types for unreadable files.
-      raise CheckpointError(
-          f"The checkpoint at {path} could not be restored ({type(e).__name__}: {e}). It may be "
-          f"truncated or written by an incompatible config. Move it aside to resume from the "
-          f"previous checkpoint, or use a new --workdir to start afresh.") from e
-    logging.info("Restored checkpoint %s", path)
-    return step, restored["state"], dict(restored["data"] or {})
+  def restore(self, abstract_state: Any, on_error: str = "stop"
+              ) -> tuple[int, Any, dict] | None:
+    """Restores the latest checkpoint onto the shardings of `abstract_state`, or None.
+
+    A latest checkpoint that cannot be restored raises CheckpointError naming it (on_error
+    "stop"; nothing is deleted), or (on_error "previous") is moved aside to
+    WORKDIR/unrestorable_checkpoints/ and the next older one is tried.
+    """
+    if on_error not in ON_RESTORE_ERROR:
+      raise ValueError(f"on_error={on_error!r}; choose one of {ON_RESTORE_ERROR}.")
+    while True:
+      step = self.manager.latest_step()
+      if step is None:
+        return None
+      path = os.path.join(self.directory, str(step))
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      except Exception as e:  # Orbax raises many types for unreadable files.
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if on_error == "stop":
+          raise CheckpointError(
+              f"The checkpoint at {path} could not be restored ({reason}). It may be truncated "
+              f"or written by an incompatible config. Nothing was deleted. Set "
+              f"--config.checkpoint.on_restore_error=previous to move it aside and resume "
+              f"from the previous checkpoint, or use a new --workdir to start afresh.") from e
+        self._move_aside(step, path, reason)
+        continue
+      logging.info("Restored checkpoint %s", path)
+      return step, restored["state"], dict(restored["data"] or {})
+
+  def _move_aside(self, step: int, path: str, reason: str) -> None:
+    """Moves an unrestorable checkpoint out of the manager's directory (process 0)."""
+    aside = os.path.join(self.workdir, "unrestorable_checkpoints", f"{step}-{int(time.time())}")
+    logging.warning("The checkpoint at %s could not be restored (%s); moving it to %s and "
+                    "trying the previous one.", path, reason, aside)
+    self.manager.close()
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      shutil.move(path, aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"vljax_checkpoint_moved_{step}")
+    self.manager = self._open()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -86,13 +127,26 @@ def read_config(directory: str) -> dict:
     return json.load(f)
 
 
-def export_params(workdir: str, params: Any, config_json: str) -> str:
-  """Writes params only (no optimizer state) plus the config, for inference. Returns the path."""
+def write_tokenizer(directory: str, tokenizer: Any) -> None:
+  """DIRECTORY/tokenizer.model: the run's tokenizer travels with its checkpoints and export."""
+  from vljax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    os.makedirs(directory, exist_ok=True)
+    tokenizer_lib.save_to_dir(tokenizer, directory)
+
+
+def export_params(workdir: str, params: Any, config_json: str, tokenizer: Any = None) -> str:
+  """Writes params only (no optimizer state), the config and the tokenizer, for inference.
+
+  Returns the export directory.
+  """
   path = os.path.abspath(os.path.join(workdir, "export"))
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(path, "params"), params, force=True)
   checkpointer.wait_until_finished()
   write_config(path, config_json)
+  if tokenizer is not None:
+    write_tokenizer(path, tokenizer)
   return path
 
 

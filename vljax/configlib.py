@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
 from typing import Any, Mapping, Sequence
 
@@ -88,9 +89,53 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return config
 
 
-def apply_overrides(config: ml_collections.ConfigDict,
-                    overrides: Sequence[str]) -> ml_collections.ConfigDict:
-  """Applies "a.b.c=value" overrides; unknown keys and unreadable values raise ConfigError."""
+DURATION_UNITS = ("steps", "examples", "epochs")
+
+
+def _duration_siblings(node: Any, leaf: str) -> list[str]:
+  """For a duration key such as 'total_epochs', the other units of it that are set."""
+  stem, _, unit = leaf.rpartition("_")
+  if not stem or unit not in DURATION_UNITS:
+    return []
+  return [f"{stem}_{other}" for other in DURATION_UNITS
+          if other != unit and f"{stem}_{other}" in node and node[f"{stem}_{other}"] is not None]
+
+
+def _overlay(base: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+  for key, value in values.items():
+    if (isinstance(value, Mapping) and key in base
+        and isinstance(base[key], ml_collections.ConfigDict)):
+      _overlay(base[key], value)
+    else:
+      base[key] = value
+
+
+def load_run_config(directory: str) -> ml_collections.ConfigDict:
+  """The config a run wrote to DIRECTORY/config.json (a workdir or its export), locked.
+
+  It is laid over today's defaults (base_train_config), so a workdir written before a key
+  existed still loads, with that key at its default.
+  """
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    raise ConfigError(f"No config.json in {directory!r}: is it a vljax workdir or export? "
+                      f"Name a config explicitly with --config=configs/NAME.py.")
+  with open(path) as f:
+    values = json.load(f)
+  config = base_train_config()
+  _overlay(config, values)
+  config.lock()
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str],
+                    notes: list[str] | None = None) -> ml_collections.ConfigDict:
+  """Applies "a.b.c=value" overrides; unknown keys and unreadable values raise ConfigError.
+
+  A duration given in one unit (total_epochs, optim.warmup_examples, ...) replaces the same
+  duration in the other units, so the last one given wins; what it replaced is appended to
+  `notes` for the log.
+  """
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"Override {item!r} is not of the form --config.key=value.")
@@ -110,11 +155,17 @@ def apply_overrides(config: ml_collections.ConfigDict,
         node = node[name]
         walked.append(name)
     value = _convert(text, node[leaf], f"--config.{dotted}")
+    replaced = _duration_siblings(node, leaf) if value is not None else []
     with config.unlocked():
       try:
         node[leaf] = value
       except TypeError as e:
         raise ConfigError(f"--config.{dotted}={text}: {e}") from None
+      for sibling in replaced:
+        prefix = ".".join(parents + [sibling])
+        if notes is not None:
+          notes.append(f"--config.{dotted}={text} replaces config.{prefix}={node[sibling]}.")
+        node[sibling] = None
   return config
 
 
@@ -151,9 +202,10 @@ def base_train_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       train="synthetic", eval="synthetic", image_size=224, max_len=64, seed=0,
-      eval_examples=512, worker_count=0,
-      # Sources (vljax/data/sources.py, docs/data.md): feature/column/json keys.
-      image_key="image", caption_key="caption", label_key="label", tfds_data_dir="",
+      worker_count=0,
+      # Field names are options of each source spec (`csv:PATH?image=filepath&caption=title`,
+      # docs/data.md); this is only where prepared TFDS datasets live ("" = $TFDS_DATA_DIR).
+      tfds_data_dir="",
       # Optional task-specific eval sources ("" = derived from data.eval).
       eval_zeroshot="", eval_retrieval="",
       prompt_templates=["a photo of a {}.", "a picture of a {}.", "an image of a {}.",
@@ -164,7 +216,14 @@ def base_train_config() -> ml_collections.ConfigDict:
                    hflip=False, brightness=0.0),
       # Text clean-up before tokenisation.
       lowercase=False, canonicalize=False))
-  c.tokenizer = ml_collections.ConfigDict(dict(path=""))  # "" = train one on synthetic captions
+  # A sentencepiece .model file. "" is allowed only on the synthetic data (its own tokenizer);
+  # make one for real data with `python -m vljax.data.tokenizer train SPEC --out PATH`.
+  c.tokenizer = ml_collections.ConfigDict(dict(path=""))
+
+  # Start from weights (LiT, fine-tuning): a vljax workdir or export directory, and
+  # [regex, replacement] rules from the source's parameter paths to this model's (first match
+  # wins; a source path no rule matches is not loaded; [] = every parameter under its own name).
+  c.init = ml_collections.ConfigDict(dict(path="", mapping=[]))
 
   c.batch_size = 32768  # global
   c.total_steps = None  # set exactly one of total_steps / total_examples / total_epochs
@@ -172,7 +231,11 @@ def base_train_config() -> ml_collections.ConfigDict:
   c.total_epochs = None
 
   c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, wd=1e-4, clip_norm=1.0,
+      name="adamw", lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0,
+      # Decoupled weight decay (docs/optim.md): each step a decayed parameter shrinks by
+      # wd * mult * schedule(step) / lr, NOT multiplied by the learning rate; wd_mults picks the
+      # decayed parameters by regex over their paths ([regex, mult], first match wins).
+      wd=1e-4, wd_mults=[["(^|/)kernel$", 1.0]],
       schedule="cosine", end_lr_frac=0.0, rsqrt_timescale=10_000,
       warmup_steps=None, warmup_examples=None, warmup_epochs=None,
       freeze=[], lr_mults=[]))
@@ -183,6 +246,12 @@ def base_train_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.tensorboard = True
   c.nan_policy = "stop"  # or "skip": drop the update of a step whose loss/grad is not finite
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True))
-  c.eval = ml_collections.ConfigDict(dict(every_steps=5000, batch_size=512))
+  # on_restore_error: "stop" (default; nothing is deleted) or "previous" (fall back to the
+  # newest checkpoint that restores).
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, async_save=True,
+                                                on_restore_error="stop"))
+  # max_examples: per eval set, 0 = score every example; N > 0 = a random sample of N examples
+  # drawn with config.data.seed (the metrics eval/*_examples say how many were scored).
+  c.eval = ml_collections.ConfigDict(dict(every_steps=5000, batch_size=512,
+                                          max_examples=dict(zeroshot=0, retrieval=0)))
   return c

@@ -1,22 +1,29 @@
 """Standalone evaluation of the latest checkpoint in a workdir.
 
-python -m vljax.evaluate --config=configs/siglip.py[:args] --workdir=DIR
+python -m vljax.evaluate --workdir=DIR [--config=configs/NAME.py[:args]] [--config.a.b=v ...]
 
-Runs the config's evaluation suite (zero-shot top-1, retrieval recall@1/5/10) sharded over the
-available devices, prints the results and appends them to WORKDIR/metrics.jsonl at the
-checkpoint's step.
+Starts from the config the run was trained with (WORKDIR/config.json) and the tokenizer it
+saved, so the evaluation sees exactly the run's eval sets and preprocessing; --config replaces
+that config and --config.a.b=v overrides change it (e.g. --config.data.eval_zeroshot=SPEC to
+score another set). Runs the evaluations that fit the objective, sharded over the available
+devices, prints the results and appends them, with what was evaluated (checkpoint step, eval
+sources, example counts, overrides), to WORKDIR/evaluations.jsonl. The training run's
+metrics.jsonl is never written: a re-evaluation is not a row of the training run.
 """
 from __future__ import annotations
 
-
-from absl import logging
+import json
+import os
+import sys
+import time
 
 from vljax import main as main_lib
+
+EVALUATIONS_FILE = "evaluations.jsonl"
 
 
 def evaluate(config, workdir: str) -> dict[str, float]:
   import jax  # pylint: disable=g-import-not-at-top
-  from vljax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   from vljax import sharding, train  # pylint: disable=g-import-not-at-top
 
   train.validate(config, jax.device_count(), jax.process_count())
@@ -24,14 +31,19 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   setup, tokenizer, step, state = train.load_latest(config, workdir, mesh)
   evaluator = train.make_evaluator(config, setup.objective, tokenizer, mesh, setup.rules)
   results = evaluator(state.params)
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard)
-  writer.write(step, results)
-  writer.close()
+  record = {"checkpoint_step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "sources": dict(evaluator.sources),
+            "overrides": [a for a in sys.argv[1:] if a.startswith("--config")],
+            **{k: float(v) for k, v in sorted(results.items())}}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, EVALUATIONS_FILE), "a") as f:
+      f.write(json.dumps(record) + "\n")
   for name, value in sorted(results.items()):
-    logging.info("%s = %.4f", name, value)
-    print(f"{name} = {value:.4f}")
+    print(f"{name} = {value:.4g}")
+  print(f"(checkpoint step {step}; sources {record['sources']}; appended to "
+        f"{os.path.join(workdir, EVALUATIONS_FILE)})")
   return results
 
 
 if __name__ == "__main__":
-  main_lib.run_app(evaluate)
+  main_lib.run_app(evaluate, config_from_workdir=True, log_name="evaluate")

@@ -45,42 +45,68 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
   return overrides, rest
 
 
-def load_from_flags(overrides: list[str]):
-  if not FLAGS.value:
+def load_from_flags(overrides: list[str], notes: list[str] | None = None,
+                    workdir_config: str | None = None):
+  """--config (or, without it, WORKDIR/config.json when `workdir_config` names a workdir) with
+  the --config.a.b=v overrides applied."""
+  if FLAGS.value:
+    config = configlib.load_config_file(FLAGS.value)
+  elif workdir_config is not None:
+    config = configlib.load_run_config(workdir_config)
+    if notes is not None:
+      notes.append(f"starting from {os.path.join(workdir_config, 'config.json')}.")
+  else:
     raise configlib.ConfigError("--config is required, e.g. --config=configs/siglip.py.")
-  config = configlib.load_config_file(FLAGS.value)
-  return configlib.apply_overrides(config, overrides)
+  return configlib.apply_overrides(config, overrides, notes)
+
+
+# The vljax package's own source files, wherever the checkout or the venv lives (a clone named
+# 'vljax' with its .venv inside must not let library INFO lines through).
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_SITE_DIRS = ("site-packages", "dist-packages")
+
+
+def is_own_source(pathname: str) -> bool:
+  path = os.path.abspath(pathname)
+  return path.startswith(_PACKAGE_DIR) and not any(
+      f"{os.sep}{d}{os.sep}" in path[len(_PACKAGE_DIR) - 1:] for d in _SITE_DIRS)
 
 
 class _OwnInfoOnly(py_logging.Filter):
   """Console filter: vljax's own INFO lines, and only warnings and errors from libraries."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    own = f"{os.sep}vljax{os.sep}" in record.pathname
-    return own or record.levelno >= py_logging.WARNING
+    return is_own_source(record.pathname) or record.levelno >= py_logging.WARNING
 
 
-def run_app(main_fn) -> None:
-  """Runs `main_fn(config, workdir)` with config errors printed as one readable line."""
+def run_app(main_fn, config_from_workdir: bool = False, log_name: str = "log") -> None:
+  """Runs `main_fn(config, workdir)` with config errors printed as one readable line.
+
+  config_from_workdir: without --config, start from WORKDIR/config.json (evaluation of a run).
+  """
   overrides, argv = split_overrides(sys.argv)
 
   def _main(_):
     if not WORKDIR.value:
       raise app.UsageError("--workdir is required.")
+    notes: list[str] = []
     try:
-      config = load_from_flags(overrides)
+      config = load_from_flags(overrides, notes,
+                               WORKDIR.value if config_from_workdir else None)
     except configlib.ConfigError as e:
       print(f"Config error: {e}", file=sys.stderr)
       sys.exit(2)
     os.makedirs(WORKDIR.value, exist_ok=True)
     # Everything goes to WORKDIR/log.*; the console shows vljax's progress lines.
-    logging.get_absl_handler().use_absl_log_file("log", WORKDIR.value)
+    logging.get_absl_handler().use_absl_log_file(log_name, WORKDIR.value)
     logging.set_verbosity(logging.INFO)
     console = py_logging.StreamHandler(sys.stderr)
     console.setFormatter(py_logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     console.addFilter(_OwnInfoOnly())
     logging.set_stderrthreshold(logging.FATAL)  # the console handler below replaces it
     py_logging.getLogger().addHandler(console)
+    for note in notes:
+      logging.info("Config: %s", note)
     init_distributed()
     try:
       main_fn(config, WORKDIR.value)

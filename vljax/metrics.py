@@ -19,17 +19,26 @@ def _to_float(value) -> float | None:
 
 
 class MetricWriter:
-  """Writes scalar metrics from process 0; other processes write nothing."""
+  """Writes scalar metrics from process 0; other processes write nothing.
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  `resumed_from`: the step a resumed run restored. Rows that an earlier attempt wrote past it
+  are dropped from the JSON lines file and purged from TensorBoard, so the steps the resumed
+  run repeats appear once, with the resumed run's values.
+  """
+
+  def __init__(self, workdir: str, tensorboard: bool = True, filename: str = "metrics.jsonl",
+               resumed_from: int | None = None):
     self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = os.path.join(workdir, filename)
     self._tb = None
     if self.active:
       os.makedirs(workdir, exist_ok=True)
+      if resumed_from is not None:
+        _drop_rows_after(self.path, resumed_from)
       if tensorboard:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        purge = None if resumed_from is None else resumed_from + 1
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
   def write(self, step: int, metrics: Mapping[str, object]) -> dict[str, float]:
     """Appends one JSON object {step, name: value, ...}; returns the scalars written."""
@@ -48,14 +57,38 @@ class MetricWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     if self._tb is not None:
-      for name, value in scalars.items():
-        self._tb.add_scalar(name, value, step)
-      self._tb.flush()
+      self._write_tensorboard(step, scalars)
     return scalars
+
+  def _write_tensorboard(self, step: int, scalars: Mapping[str, float]) -> None:
+    # add_scalar would rewrite tags such as 'eval/i2t_recall@1' to 'eval/i2t_recall_1'; the
+    # summary proto is written directly so TensorBoard shows the names metrics.jsonl has.
+    from tensorboardX.proto.summary_pb2 import Summary  # pylint: disable=g-import-not-at-top
+    summary = Summary(value=[Summary.Value(tag=name, simple_value=value)
+                             for name, value in scalars.items()])
+    self._tb._get_file_writer().add_summary(summary, step)  # pylint: disable=protected-access
+    self._tb.flush()
 
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """Rewrites a JSON lines file without its rows past `step` (atomically)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+  if len(kept) == len(lines):
+    return
+  logging.info("Resumed at step %d: dropped %d rows past it from %s.", step,
+               len(lines) - len(kept), path)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+  os.replace(tmp, path)
 
 
 def progress_line(step: int, total: int, scalars: Mapping[str, float]) -> str:

@@ -19,7 +19,6 @@ def _small_run(config, s: dict) -> None:
   """The data sizes, embedding width and schedule that every small preset sets alike."""
   config.data.image_size = s["image_size"]
   config.data.max_len = s["max_len"]
-  config.data.eval_examples = 512
   config.model.embed_dim = s["embed_dim"]
   config.batch_size = s["batch_size"]
   config.total_steps = s["total_steps"]

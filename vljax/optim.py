@@ -1,15 +1,35 @@
-"""Optax optimizer from the config: schedule, AdamW with masked decay, clipping, freezing, lr mults.
+"""Optax optimizer from the config: schedule, Adam, decoupled weight decay, clipping, freezing,
+lr multipliers.
 
-Parameters are addressed by their '/'-joined path in the param tree (e.g. 'img/Transformer/...'),
-matched with `re.search`: config.optim.freeze is a list of regexes (LiT locks the image tower
-with ['^img/']), config.optim.lr_mults a list of [regex, multiplier] pairs (first match wins).
+One step of a trainable parameter p, with g its gradient clipped to a global norm over the
+trainable parameters and s(t) = schedule(t) / cfg.lr the schedule normalised to peak 1 (warmup
+included):
+
+  p <- p - schedule(t) * lr_mult(p) * adam(g) - cfg.wd * wd_mult(p) * s(t) * p
+
+This is big_vision's decoupled weight decay: the decay follows the shape of the schedule but is
+NOT multiplied by the learning rate (at peak a decayed parameter shrinks by exactly cfg.wd per
+step) nor by lr_mult. PyTorch's AdamW and optax.adamw multiply it by the learning rate instead;
+docs/optim.md converts the papers' values.
+
+Parameters are addressed by their '/'-joined path in the param tree (param_path, e.g.
+'img/encoder/Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel'), matched with `re.search`:
+  config.optim.freeze    regexes; a frozen parameter gets no update, no decay and no optimizer
+                         state (LiT locks the image tower with ['^img/']).
+  config.optim.lr_mults  [regex, multiplier] pairs, first match wins, unmatched = 1.
+  config.optim.wd_mults  [regex, multiplier] pairs, first match wins, unmatched = not decayed;
+                         the default [['(^|/)kernel$', 1.0]] decays weight matrices only (no
+                         biases, norms, embeddings, position embeddings, MAP probe or the
+                         temperature/bias scalars).
+A pattern that matches no parameter is a ConfigError: a typo must not silently do nothing.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -59,14 +79,111 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int,
   return optax.join_schedules([warmup, after], [warmup_steps])
 
 
-def _scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
-  """Multiplies each update by a fixed per-parameter factor (lr multipliers)."""
+def _example_names(names: list[str]) -> str:
+  """A few parameter names from across the tree, for error messages."""
+  picks = sorted({names[0], names[len(names) // 2], names[-1]}) if names else []
+  return ", ".join(repr(n) for n in picks)
+
+
+def _compile(pattern: Any, key: str) -> re.Pattern:
+  if not isinstance(pattern, str):
+    raise ConfigError(f"config.optim.{key}: {pattern!r} is not a regex string.")
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ConfigError(f"config.optim.{key}: {pattern!r} is not a valid regex ({e}).") from None
+
+
+def _check_matches(patterns: list[re.Pattern], names: list[str], key: str) -> None:
+  for pattern in patterns:
+    if not any(pattern.search(n) for n in names):
+      raise ConfigError(f"config.optim.{key} pattern {pattern.pattern!r} matches no "
+                        f"parameter. Parameter names look like {_example_names(names)}.")
+
+
+def _rules(rules: Any, key: str, names: list[str]) -> list[tuple[re.Pattern, float]]:
+  """Validated [regex, multiplier] pairs of config.optim.<key>."""
+  out = []
+  for rule in rules or ():
+    if (not isinstance(rule, (list, tuple)) or len(rule) != 2 or
+        isinstance(rule[1], bool) or not isinstance(rule[1], (int, float))):
+      raise ConfigError(f"config.optim.{key}: {rule!r} is not a [regex, multiplier] pair, "
+                        f"e.g. [['^txt/', 0.1]].")
+    if rule[1] < 0:
+      raise ConfigError(f"config.optim.{key}: multiplier {rule[1]} of {rule[0]!r} is "
+                        f"negative.")
+    out.append((_compile(rule[0], key), float(rule[1])))
+  _check_matches([p for p, _ in out], names, key)
+  return out
+
+
+def _first_match(rules: list[tuple[re.Pattern, float]], name: str, default: float) -> float:
+  return next((m for p, m in rules if p.search(name)), default)
+
+
+def _names(params: Any) -> tuple[Any, list[str]]:
+  names = tree_map_with_names(lambda n, _: n, params)
+  return names, jax.tree.leaves(names)
+
+
+def frozen_mask(cfg: ml_collections.ConfigDict, params: Any) -> Any:
+  """A pytree of bools like `params`: True where config.optim.freeze matches the path."""
+  names, all_names = _names(params)
+  patterns = [_compile(r, "freeze") for r in cfg.freeze]
+  _check_matches(patterns, all_names, "freeze")
+  return jax.tree.map(lambda n: any(p.search(n) for p in patterns), names)
+
+
+def decay_multipliers(cfg: ml_collections.ConfigDict, params: Any) -> Any:
+  """A pytree of floats like `params`: each parameter's weight-decay multiplier.
+
+  0.0 = never decayed (no config.optim.wd_mults rule matches it, or it is frozen). Each step a
+  decayed parameter shrinks by cfg.wd * multiplier * schedule(t) / cfg.lr.
+  """
+  names, all_names = _names(params)
+  rules = _rules(cfg.wd_mults, "wd_mults", all_names)
+  frozen = frozen_mask(cfg, params)
+  return jax.tree.map(lambda n, f: 0.0 if f else _first_match(rules, n, 0.0), names, frozen)
+
+
+class ScaleAndDecayState(NamedTuple):
+  count: jax.Array  # steps taken, the argument of the schedule
+
+
+def _scale_and_decay(schedule: optax.Schedule, peak_lr: float, wd: float,
+                     lr_mult: dict[str, float],
+                     wd_mult: dict[str, float]) -> optax.GradientTransformation:
+  """-schedule(t) * lr_mult * update - wd * wd_mult * s(t) * param, by parameter path.
+
+  Multipliers are looked up by path rather than zipped with a tree because multi_transform
+  hands this transform a tree where frozen parameters are empty MaskedNodes.
+  """
+
+  def init(params):
+    del params
+    return ScaleAndDecayState(count=jnp.zeros([], jnp.int32))
 
   def update(updates, state, params=None):
-    del params
-    return jax.tree.map(lambda u, m: u * m, updates, multipliers), state
+    lr = jnp.asarray(schedule(state.count), jnp.float32)
+    # The decay follows the schedule's shape but not its scale (big_vision's decoupled decay).
+    normalised = lr / peak_lr if peak_lr else jnp.zeros_like(lr)
 
-  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+    def one(path, u, p):
+      name = param_path(path)
+      out = -lr * lr_mult[name] * u
+      decay = wd * wd_mult[name]
+      if decay:
+        out = out - decay * normalised * p
+      return out.astype(u.dtype)
+
+    if params is None:
+      if wd and any(wd_mult.values()):
+        raise ValueError("Weight decay needs the params: call tx.update(grads, state, params).")
+      params = updates  # stands in for the tree structure; nothing reads it without decay
+    new = jax.tree_util.tree_map_with_path(one, updates, params)
+    return new, ScaleAndDecayState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int,
@@ -74,40 +191,23 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int
   """Builds the optimizer for a (possibly abstract) param tree. Returns (tx, lr schedule)."""
   if cfg.name != "adamw":
     raise ConfigError(f"config.optim.name={cfg.name!r}; only 'adamw' is implemented.")
+  if cfg.wd < 0:
+    raise ConfigError(f"config.optim.wd={cfg.wd} is negative.")
   schedule = make_schedule(cfg, total_steps, warmup_steps)
-  names = tree_map_with_names(lambda n, _: n, params)
-  all_names = jax.tree.leaves(names)
-
-  frozen = [re.compile(r) for r in cfg.freeze]
-  for pattern in frozen:
-    if not any(pattern.search(n) for n in all_names):
-      raise ConfigError(f"config.optim.freeze pattern {pattern.pattern!r} matches no "
-                        f"parameter. Parameter names look like {all_names[0]!r}.")
-  labels = jax.tree.map(lambda n: "frozen" if any(p.search(n) for p in frozen) else "train",
-                        names)
-
-  mults = []
-  for rule in cfg.lr_mults:
-    pattern, mult = rule
-    mults.append((re.compile(pattern), float(mult)))
-  multipliers = jax.tree.map(
-      lambda n: next((m for p, m in mults if p.search(n)), 1.0), names)
-
-  # Decay matrices only: biases, norm scales and the temperature/bias scalars are not decayed.
-  decay_mask = jax.tree.map(lambda p: len(p.shape) >= 2, params)
+  _, all_names = _names(params)
+  frozen = frozen_mask(cfg, params)
+  lr_rules = _rules(cfg.lr_mults, "lr_mults", all_names)
+  lr_mult = {n: _first_match(lr_rules, n, 1.0) for n in all_names}
+  wd_mult = dict(zip(all_names, jax.tree.leaves(decay_multipliers(cfg, params))))
 
   chain = []
   if cfg.clip_norm:
     # Inside the "train" branch, so the norm is that of the trainable parameters' gradient.
     chain.append(optax.clip_by_global_norm(cfg.clip_norm))
   chain.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
-  if cfg.wd:
-    chain.append(optax.add_decayed_weights(cfg.wd, mask=decay_mask))
-  chain.append(optax.scale_by_learning_rate(schedule))
+  chain.append(_scale_and_decay(schedule, cfg.lr, cfg.wd, lr_mult, wd_mult))
   trainable = optax.chain(*chain)
-  # Frozen parameters get no optimizer state at all (set_to_zero keeps none).
+  labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen)
+  # Frozen parameters get a zero update and no optimizer state (set_to_zero keeps none).
   tx = optax.multi_transform({"train": trainable, "frozen": optax.set_to_zero()}, labels)
-  if mults:
-    # Outside multi_transform, whose inner updates have holes where parameters are frozen.
-    tx = optax.chain(tx, _scale_by_tree(multipliers))
   return tx, schedule

@@ -1,16 +1,25 @@
-"""Captions (and zero-shot labels) for image files from a workdir's latest checkpoint.
+"""Captions and zero-shot labels for image files, from a workdir's latest checkpoint or an export.
 
-python -m vljax.predict --workdir=DIR [--labels="red circle,blue square"] IMAGE...
+Library:
+  predictor = vljax.predict.load(DIR)        # a workdir or an export directory
+  predictor.predict(paths, labels=[...])     # [{'path', 'caption'?, 'labels'?}, ...]
 
-Prints one block per image: the caption (objectives that generate, e.g. CoCa) and, given
---labels, the top classes through the contrastive heads (objectives with embed_images and
-embed_texts, e.g. CoCa, CLIP, SigLIP). Decoding is greedy unless --beam_size > 1 or
---temperature > 0 (sampling, with --top_k / --top_p).
+Command line (a thin wrapper over the library):
+  python -m vljax.predict --workdir=DIR [--labels="red circle,blue square"] IMAGE...
+
+Images go through exactly the evaluation preprocessing of the run that is loaded (its
+config.data: image size, resize mode, mean/std), and zero-shot labels use the run's prompt
+templates (config.data.prompt_templates) averaged per class, and its learned logit scale, as
+zero-shot evaluation does. Caption: objectives that generate (CoCa); labels: objectives with
+contrastive heads (SigLIP, CLIP, CoCa). Decoding is greedy unless beam_size > 1 or
+temperature > 0 (sampling, with top_k / top_p).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from typing import Any, Sequence
 
 from absl import app, flags, logging
 
@@ -19,7 +28,9 @@ from vljax import main as main_lib
 # --workdir is vljax.main's flag (one absl flag per name per process).
 WORKDIR = main_lib.WORKDIR
 LABELS = flags.DEFINE_list("labels", [], "Comma-separated class names for zero-shot labels.")
-TEMPLATE = flags.DEFINE_string("template", "a photo of a {}.", "Prompt template for --labels.")
+TEMPLATES = flags.DEFINE_list(
+    "templates", [], "Prompt templates for --labels ('{}' = class name); default: the run's "
+    "config.data.prompt_templates.")
 TOP = flags.DEFINE_integer("top", 3, "Number of classes to print per image.")
 MAX_LEN = flags.DEFINE_integer("max_len", 0, "Caption length limit; 0 = config.data.max_len.")
 BEAM_SIZE = flags.DEFINE_integer("beam_size", 1, "Beam search with this many beams if > 1.")
@@ -30,75 +41,137 @@ TOP_P = flags.DEFINE_float("top_p", 1.0, "Sampling: nucleus mass.")
 SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
-def load(workdir: str):
-  """(config, tokenizer, objective, params, mesh, rules) of the latest checkpoint in workdir."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from vljax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from vljax import sharding, train  # pylint: disable=g-import-not-at-top
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+  """How captions are decoded: greedy by default."""
+  max_len: int | None = None  # None = config.data.max_len
+  beam_size: int = 1
+  alpha: float = 0.6  # beam-search length-penalty exponent
+  temperature: float = 0.0  # > 0: sampling
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
 
-  config = ml_collections.ConfigDict(ckpt_lib.read_config(workdir))
-  mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
-  setup, tokenizer, _, state = train.load_latest(config, workdir, mesh)
-  return config, tokenizer, setup.objective, state.params, mesh, setup.rules
 
+class Predictor:
+  """A loaded model with the evaluation preprocessing of the run it came from."""
 
-def predict(workdir: str, paths: list[str], labels: list[str] | None = None) -> list[dict]:
-  """Returns, per image path, {'path', 'caption' (if generative), 'labels' [(name, prob)]}."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from vljax import decode  # pylint: disable=g-import-not-at-top
-  from vljax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from vljax.evals import common  # pylint: disable=g-import-not-at-top
+  def __init__(self, config, tokenizer, objective, params, mesh, rules):
+    self.config, self.tokenizer, self.objective = config, tokenizer, objective
+    self.params, self.mesh, self.rules = params, mesh, rules
 
-  config, tokenizer, objective, params, mesh, rules = load(workdir)
-  images = []
-  for path in paths:
-    with open(path, "rb") as f:
-      images.append(pipeline.preprocess_image(f.read(), config.data.image_size))
-  images = np.stack(images)
-  results = [{"path": p} for p in paths]
-  batch = max(len(paths), mesh.size)
-  max_len = MAX_LEN.value if flags.FLAGS.is_parsed() and MAX_LEN.value else config.data.max_len
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    if hasattr(objective, "generate"):
-      fn = lambda p, x: objective.generate(p, x, max_len)
-      if flags.FLAGS.is_parsed() and (BEAM_SIZE.value > 1 or TEMPERATURE.value > 0):
-        fn = jax.jit(lambda p, x: _decode_other(objective, decode, p, x, max_len))
-      tokens = np.asarray(common.embed_all(fn, params, images, mesh, batch))
-      for r, row in zip(results, tokens):
-        r["caption"] = tokenizer.decode(row)
-    if labels and hasattr(objective, "embed_images"):
-      zimg = common.embed_all(jax.jit(objective.embed_images), params, images, mesh, batch)
-      prompts = tokenizer.encode([TEMPLATE.value.format(l) if flags.FLAGS.is_parsed() else
-                                  f"a photo of a {l}." for l in labels], config.data.max_len)
-      ztxt = common.embed_all(jax.jit(objective.embed_texts), params, prompts, mesh,
-                              max(len(labels), mesh.size))
-      # The learned contrastive logit scale where the model has one ('t' holds its log).
-      scale = float(np.exp(params["t"])) if "t" in params else 100.0
-      probs = np.asarray(jax.nn.softmax(scale * jnp.asarray(zimg) @ jnp.asarray(ztxt).T))
-      top = TOP.value if flags.FLAGS.is_parsed() else 3
+  def load_images(self, paths: Sequence[str]):
+    """float32 [N, S, S, 3]: the files decoded and preprocessed as the run's evaluation does."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from vljax.data import preprocess  # pylint: disable=g-import-not-at-top
+    data = self.config.data
+    options = preprocess.image_options_from_config(data, data.image_size, train=False)
+    images = []
+    for path in paths:
+      with open(path, "rb") as f:
+        image = preprocess.decode_image(f.read())
+      images.append(preprocess.process_image(image, options))
+    return np.stack(images)
+
+  def _batched(self, fn, inputs):
+    import jax  # pylint: disable=g-import-not-at-top
+    import flax.linen as nn  # pylint: disable=g-import-not-at-top
+    from vljax.evals import common  # pylint: disable=g-import-not-at-top
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return common.embed_all(fn, self.params, inputs, self.mesh,
+                              max(len(inputs), self.mesh.size))
+
+  def captions(self, images, options: DecodeOptions = DecodeOptions()) -> list[str]:
+    """One caption per preprocessed image (objectives with `generate`)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from vljax import decode  # pylint: disable=g-import-not-at-top
+    objective = self.objective
+    max_len = options.max_len or self.config.data.max_len
+
+    def generate(params, x):
+      if options.beam_size <= 1 and options.temperature <= 0:
+        return objective.generate(params, x, max_len)
+      state = objective.init_decode_state(params, x, max_len)
+      start = objective.start_tokens(x.shape[0])
+      step = objective.step_fn(params)
+      if options.beam_size > 1:
+        seqs, _ = decode.beam_search(step, state, start, max_len, objective.eos_id,
+                                     beam_size=options.beam_size, alpha=options.alpha,
+                                     pad_id=objective.pad_id)
+        return seqs[:, 0]
+      return decode.sample(step, state, start, max_len, objective.eos_id,
+                           jax.random.key(options.seed), temperature=options.temperature,
+                           top_k=options.top_k, top_p=options.top_p, pad_id=objective.pad_id)
+
+    tokens = np.asarray(self._batched(jax.jit(generate), images))
+    return [self.tokenizer.decode(row) for row in tokens]
+
+  def label_probabilities(self, images, labels: Sequence[str],
+                          templates: Sequence[str] | None = None):
+    """[N, len(labels)] softmax over the classes of the run's contrastive logits.
+
+    Class embeddings are the mean of the templates' prompt embeddings, re-normalised, as in
+    zero-shot evaluation; the logits use the run's learned scale (sigmoid runs add their bias,
+    which a softmax over classes ignores).
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from vljax.evals import zeroshot  # pylint: disable=g-import-not-at-top
+    templates = list(templates or self.config.data.prompt_templates)
+    prompts = [t.format(label) for label in labels for t in templates]
+    tokens = self.tokenizer.encode(prompts, self.config.data.max_len)
+    zimg = self._batched(jax.jit(self.objective.embed_images), images)
+    zprompt = self._batched(jax.jit(self.objective.embed_texts), tokens)
+    zcls = zeroshot.class_embeddings(jnp.asarray(zprompt), len(labels))
+    scale = self.objective.logit_scalars(self.params)["scale"]
+    return np.asarray(jax.nn.softmax(scale * jnp.asarray(zimg) @ zcls.T, axis=-1))
+
+  def predict(self, paths: Sequence[str], labels: Sequence[str] | None = None, *,
+              templates: Sequence[str] | None = None, top: int = 3,
+              decode_options: DecodeOptions = DecodeOptions()) -> list[dict[str, Any]]:
+    """Per image path: {'path', 'caption' (if generative), 'labels' [(name, prob)] (if asked)}."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    images = self.load_images(paths)
+    results = [{"path": p} for p in paths]
+    if hasattr(self.objective, "generate"):
+      for r, caption in zip(results, self.captions(images, decode_options)):
+        r["caption"] = caption
+    if labels:
+      if not hasattr(self.objective, "embed_images"):
+        raise ValueError(f"{type(self.objective).__name__} has no contrastive heads for labels.")
+      probs = self.label_probabilities(images, labels, templates)
       for r, p in zip(results, probs):
         order = np.argsort(-p)[:top]
         r["labels"] = [(labels[i], float(p[i])) for i in order]
-  return results
+    return results
 
 
-def _decode_other(objective, decode, params, images, max_len):
-  """Beam search or sampling, per the flags."""
-  state = objective.init_decode_state(params, images, max_len)
-  start = objective.start_tokens(images.shape[0])
-  step = objective.step_fn(params)
-  if BEAM_SIZE.value > 1:
-    seqs, _ = decode.beam_search(step, state, start, max_len, objective.eos_id,
-                                 beam_size=BEAM_SIZE.value, alpha=ALPHA.value,
-                                 pad_id=objective.pad_id)
-    return seqs[:, 0]
+def load(directory: str) -> Predictor:
+  """The latest checkpoint of a workdir, or the params of an export directory.
+
+  Uses the run's own config.json and tokenizer.model. The mesh is the run's config.mesh when
+  it fits the devices here, else all devices on the data axis.
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  return decode.sample(step, state, start, max_len, objective.eos_id,
-                       jax.random.key(SEED.value), temperature=TEMPERATURE.value,
-                       top_k=TOP_K.value, top_p=TOP_P.value, pad_id=objective.pad_id)
+  from vljax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from vljax import configlib, sharding, train  # pylint: disable=g-import-not-at-top
+
+  config = configlib.load_run_config(directory)
+  try:
+    sharding.mesh_shape(config.mesh, jax.device_count())
+    mesh = sharding.make_mesh(config.mesh)
+  except configlib.ConfigError:
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    setup, tokenizer, _, state = train.load_latest(config, directory, mesh)
+    params = state.params
+  else:
+    tokenizer = train.run_tokenizer(config, directory)
+    setup = train.build(config, tokenizer, mesh, epoch_size=None)
+    params = ckpt_lib.load_exported_params(directory, setup.abstract_state.params)
+  return Predictor(config, tokenizer, setup.objective, params, mesh, setup.rules)
 
 
 def main(argv: list[str]) -> None:
@@ -110,7 +183,17 @@ def main(argv: list[str]) -> None:
   if missing:
     print(f"No such image file(s): {', '.join(missing)}", file=sys.stderr)
     sys.exit(2)
-  for r in predict(WORKDIR.value, paths, LABELS.value):
+  from vljax import configlib  # pylint: disable=g-import-not-at-top
+  try:
+    predictor = load(WORKDIR.value)
+  except (configlib.ConfigError, FileNotFoundError) as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(2)
+  options = DecodeOptions(max_len=MAX_LEN.value or None, beam_size=BEAM_SIZE.value,
+                          alpha=ALPHA.value, temperature=TEMPERATURE.value, top_k=TOP_K.value,
+                          top_p=TOP_P.value, seed=SEED.value)
+  for r in predictor.predict(paths, LABELS.value, templates=TEMPLATES.value or None,
+                             top=TOP.value, decode_options=options):
     print(r["path"])
     if "caption" in r:
       print(f"  caption: {r['caption']}")

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from vljax.configlib import ConfigError
+
 MESH_AXES = ("data", "fsdp")
 # The batch dimension is split over every mesh axis: fsdp shards the batch as well as the weights.
 BATCH_AXES = ("data", "fsdp")
@@ -49,29 +51,29 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
   """Resolves a {axis: size} mapping in which at most one size is -1 ("the rest").
 
-  Raises ValueError naming the config key and the fix when the sizes cannot work.
+  Raises ConfigError naming the config key and the fix when the sizes cannot work.
   """
   unknown = set(mesh_config) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; valid axes are "
+    raise ConfigError(f"config.mesh has unknown axes {sorted(unknown)}; valid axes are "
                      f"{list(MESH_AXES)}.")
   sizes = {ax: int(mesh_config.get(ax, 1)) for ax in MESH_AXES}
   fill = [ax for ax, s in sizes.items() if s == -1]
   if len(fill) > 1:
-    raise ValueError(f"config.mesh: only one axis may be -1, got {fill}.")
+    raise ConfigError(f"config.mesh: only one axis may be -1, got {fill}.")
   for ax, s in sizes.items():
     if s == 0 or s < -1:
-      raise ValueError(f"config.mesh.{ax}={s}: sizes must be positive or -1 (fill).")
+      raise ConfigError(f"config.mesh.{ax}={s}: sizes must be positive or -1 (fill).")
   known = math.prod(s for s in sizes.values() if s != -1)
   if fill:
     if num_devices % known:
-      raise ValueError(
+      raise ConfigError(
           f"config.mesh={dict(mesh_config)}: the fixed axes need a multiple of {known} devices "
           f"but {num_devices} are available. Set config.mesh sizes whose product divides "
           f"{num_devices}.")
     sizes[fill[0]] = num_devices // known
   elif known != num_devices:
-    raise ValueError(
+    raise ConfigError(
         f"config.mesh={dict(mesh_config)} needs {known} devices but {num_devices} are "
         f"available. Set one axis to -1 to use all devices, e.g. --config.mesh.data=-1.")
   return sizes

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vljax import checkpoint as ckpt_lib
@@ -64,6 +67,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     raise ConfigError(f"config.log_every_steps={config.log_every_steps} must be positive.")
   if config.data.max_len <= 0 or config.data.image_size <= 0:
     raise ConfigError("config.data.max_len and config.data.image_size must be positive.")
+  if config.checkpoint.get("on_restore_error", "stop") not in ckpt_lib.ON_RESTORE_ERROR:
+    raise ConfigError(f"config.checkpoint.on_restore_error="
+                      f"{config.checkpoint.on_restore_error!r}; choose one of "
+                      f"{ckpt_lib.ON_RESTORE_ERROR}.")
+  tokenizer_lib.check_config(config)
+  if config.optim.freeze and not config.init.get("path"):
+    raise ConfigError(
+        f"config.optim.freeze={list(config.optim.freeze)} locks parameters but config.init.path "
+        f"is empty, so they would stay at their random initialisation; set "
+        f"--config.init.path=WORKDIR_OR_EXPORT (e.g. configs/lit.py:init=workdirs/siglip).")
   return mesh_shape
 
 
@@ -102,6 +115,7 @@ class Setup:
   abstract_state: TrainState
   init_fn: Callable[[jax.Array], TrainState]
   total_steps: int
+  frozen: Any  # pytree of bools like the params: True = locked (config.optim.freeze)
 
 
 def build(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh,
@@ -141,7 +155,7 @@ def build(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh,
       TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                  opt_state=abstract_opt), state_shardings)
   return Setup(mesh, rules, objective, tx, schedule, state_shardings, abstract_state, init_fn,
-               total_steps)
+               total_steps, optim.frozen_mask(config.optim, abstract_params))
 
 
 def init_state(setup: Setup, seed: int) -> TrainState:
@@ -150,16 +164,40 @@ def init_state(setup: Setup, seed: int) -> TrainState:
     return jax.jit(setup.init_fn, out_shardings=setup.state_shardings)(jax.random.key(seed))
 
 
+def value_and_trainable_grad(loss_fn: Callable, params: Any, frozen: Any, *args):
+  """((loss, aux), grads) of loss_fn(params, *args), differentiated w.r.t. trainable leaves only.
+
+  `frozen` is a pytree of bools like params. Frozen leaves enter the loss as constants, so no
+  backward pass runs through a part of the model that only frozen parameters feed (LiT's locked
+  image tower); their gradient is returned as zeros, which a frozen optimizer branch ignores.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  is_frozen = jax.tree.leaves(frozen)
+  trainable = [x for x, f in zip(leaves, is_frozen) if not f]
+
+  def loss_of_trainable(trainable_leaves):
+    it = iter(trainable_leaves)
+    full = [x if f else next(it) for x, f in zip(leaves, is_frozen)]
+    return loss_fn(jax.tree.unflatten(treedef, full), *args)
+
+  out, trainable_grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(trainable)
+  it = iter(trainable_grads)
+  grads = [jnp.zeros_like(x) if f else next(it) for x, f in zip(leaves, is_frozen)]
+  return out, jax.tree.unflatten(treedef, grads)
+
+
 def make_train_step(setup: Setup, nan_policy: str = "stop") -> Callable:
   """The jitted train_step(state, batch, rng) -> (state, metrics), with donated state."""
   objective, tx, schedule = setup.objective, setup.tx, setup.schedule
+  frozen = setup.frozen
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
     step_rng = jax.random.fold_in(rng, state.step)
-    (loss, aux), grads = jax.value_and_grad(objective.loss_fn, has_aux=True)(
-        state.params, batch, step_rng)
+    (loss, aux), grads = value_and_trainable_grad(objective.loss_fn, state.params, frozen,
+                                                  batch, step_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # Frozen gradients are zeros: the norm is that of the trained parameters' gradient.
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if nan_policy == "skip":
@@ -211,6 +249,14 @@ def compile_step(setup: Setup, step_fn: Callable, batch_size: int, image_size: i
   return compiled, flops
 
 
+def compiled_step_flops(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh) -> float | None:
+  """XLA's cost-analysis FLOPs of `config`'s compiled train step on `mesh` (nothing runs)."""
+  setup = build(config, tokenizer, mesh, epoch_size=None)
+  _, flops = compile_step(setup, make_train_step(setup), config.batch_size,
+                          config.data.image_size, config.data.max_len)
+  return flops
+
+
 def train_source(config):
   """The training source named by config.data.train (a spec string, see vljax.data.sources)."""
   return sources.get_source(config.data.train, "train", config.data.image_size,
@@ -233,8 +279,29 @@ def make_iterator(config, source, tokenizer):
 def make_evaluator(config, objective, tokenizer, mesh, rules):
   """The evaluations that fit the objective, over the config's held-out data."""
   from vljax import evals  # pylint: disable=g-import-not-at-top
-  eval_sets = evalsets.load_eval_sets(config.data, tokenizer)
+  eval_sets = evalsets.load_eval_sets(config.data, tokenizer, config.eval)
   return evals.build_evaluator(config, objective, eval_sets, tokenizer, mesh, rules)
+
+
+def run_tokenizer(config: ml_collections.ConfigDict, directory: str | None = None):
+  """The tokenizer of a run: the one saved in `directory` (a workdir or export), if any, else
+  config.tokenizer.path (or, on the synthetic data, the synthetic-caption tokenizer).
+
+  A workdir keeps the tokenizer it was trained with, so evaluation, prediction and resumption
+  never depend on the original file; naming a different one for an existing workdir is an error.
+  """
+  saved = tokenizer_lib.load_from_dir(directory) if directory else None
+  path = config.tokenizer.path
+  if saved is None:
+    return tokenizer_lib.get_tokenizer(path or None)
+  if path and os.path.exists(path):
+    with open(path, "rb") as f:
+      if f.read() != saved.serialized_model:
+        raise ConfigError(
+            f"config.tokenizer.path={path!r} differs from the tokenizer this workdir was "
+            f"trained with ({os.path.join(directory, tokenizer_lib.TOKENIZER_FILENAME)}); leave "
+            f"config.tokenizer.path unchanged, or use a new --workdir.")
+  return saved
 
 
 def load_latest(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
@@ -242,13 +309,14 @@ def load_latest(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
 
   Returns (setup, tokenizer, step, state); used by evaluation and prediction.
   """
-  tokenizer = tokenizer_lib.get_tokenizer(config.tokenizer.path or None)
+  tokenizer = run_tokenizer(config, workdir)
   # The training source is only opened when a duration in epochs needs its size.
   epoch_size = (None if config.get("total_epochs") is None else len(train_source(config)))
   setup = build(config, tokenizer, mesh, epoch_size=epoch_size)
   checkpointer = ckpt_lib.Checkpointer(workdir, 0, 1, async_save=False)
   try:
-    restored = checkpointer.restore(setup.abstract_state)
+    restored = checkpointer.restore(setup.abstract_state,
+                                    on_error=config.checkpoint.get("on_restore_error", "stop"))
   finally:
     checkpointer.close()
   if restored is None:
@@ -259,46 +327,109 @@ def load_latest(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
   return setup, tokenizer, step, state
 
 
+class PreemptionNotice:
+  """Remembers a SIGTERM so the loop can save at the next step boundary and exit cleanly.
+
+  In a multi-process run every process must stop at the same step, so the flag is agreed on
+  (any process signalled = all stop) at log steps, where the loop synchronises anyway.
+  """
+
+  def __init__(self):
+    self.received = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    if not self.received:
+      logging.warning("SIGTERM received: saving a checkpoint at the end of this step, then "
+                      "exiting.")
+    self.received = True
+
+  def should_stop(self, at_sync_point: bool) -> bool:
+    if jax.process_count() == 1:
+      return self.received
+    if not at_sync_point:
+      return False
+    flags = multihost_utils.process_allgather(np.asarray(self.received))
+    return bool(np.any(flags))
+
+  def restore_handler(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _restore_or_init(config, setup: Setup, checkpointer, iterator, workdir: str):
+  """(start step, state): the latest checkpoint, else a fresh state (with config.init loaded)."""
+  restored = checkpointer.restore(setup.abstract_state,
+                                  on_error=config.checkpoint.get("on_restore_error", "stop"))
+  if restored is not None:
+    start_step, state, data_state = restored
+    if data_state:
+      iterator.set_state(data_state)
+    logging.info("Resuming from step %d.", start_step)
+    return start_step, state
+  state = init_state(setup, config.seed)
+  if config.init.get("path"):
+    from vljax import init_weights  # pylint: disable=g-import-not-at-top
+    params, loaded = init_weights.load_initial_params(config.init, state.params)
+    state = state.replace(params=params)
+    frozen = set(optim.param_path(p) for p, f in
+                 jax.tree_util.tree_flatten_with_path(setup.frozen)[0] if f)
+    unloaded_frozen = sorted(frozen - set(loaded))
+    if unloaded_frozen:
+      raise ConfigError(
+          f"config.optim.freeze locks {len(unloaded_frozen)} parameters that config.init does "
+          f"not load (e.g. {unloaded_frozen[0]!r}): they would stay at their random "
+          f"initialisation. Extend config.init.mapping or narrow config.optim.freeze.")
+    logging.info("Loaded %d parameters from %s.", len(loaded), config.init.path)
+  del workdir
+  return 0, state
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (or resumes) according to `config` in `workdir`; returns the last metrics."""
   validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
   logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size,
                jax.devices()[0].platform)
-  tokenizer = tokenizer_lib.get_tokenizer(config.tokenizer.path or None)
-  source = train_source(config)
+  tokenizer = run_tokenizer(config, workdir)
+  # Every data and eval source is opened and a few of its records decoded before anything
+  # compiles: a wrong path or unusable data is a ConfigError naming its config key now.
+  checked = sources.check_config_sources(config.data, evaluate=config.eval.every_steps >= 0)
+  source = checked["config.data.train"]
   setup = build(config, tokenizer, mesh, epoch_size=len(source))
   total = setup.total_steps
+  evaluator = None
+  if config.eval.every_steps >= 0:
+    evaluator = make_evaluator(config, setup.objective, tokenizer, mesh, setup.rules)
 
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard)
   ckpt_lib.write_config(workdir, config.to_json(indent=2))
+  ckpt_lib.write_tokenizer(workdir, tokenizer)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint.every_steps,
                                        config.checkpoint.keep, config.checkpoint.async_save)
   iterator = make_iterator(config, source, tokenizer)
-  restored = checkpointer.restore(setup.abstract_state)
-  if restored is None:
-    state = init_state(setup, config.seed)
-    start_step = 0
-  else:
-    start_step, state, data_state = restored
-    if data_state:
-      iterator.set_state(data_state)
-    logging.info("Resuming from step %d.", start_step)
+  start_step, state = _restore_or_init(config, setup, checkpointer, iterator, workdir)
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard,
+                                    resumed_from=start_step if start_step else None)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  logging.info("Model has %.2fM parameters; training for %d steps.", n_params / 1e6, total)
+  n_frozen = sum(int(np.prod(x.shape)) for x, f in
+                 zip(jax.tree.leaves(state.params), jax.tree.leaves(setup.frozen)) if f)
+  logging.info("Model has %.2fM parameters (%.2fM locked); training for %d steps.",
+               n_params / 1e6, n_frozen / 1e6, total)
 
   step_fn = make_train_step(setup, config.nan_policy)
   compiled, flops = compile_step(setup, step_fn, config.batch_size, config.data.image_size,
                                  config.data.max_len)
-  evaluator = None
-  if config.eval.every_steps >= 0:
-    evaluator = make_evaluator(config, setup.objective, tokenizer, mesh, setup.rules)
   rng = jax.random.key(config.seed + 1)
 
   last = {}
   skipped_records, skipped_sample = 0, []  # bad input records of this process
   pending = None  # (step, finite flag) of the previous step, checked one step late
   t_last, step_last = time.time(), start_step
+  preemption = PreemptionNotice()
+  preempted_at = None
 
   def check_finite(step_and_flag):
     step, flag, loss = step_and_flag
@@ -324,11 +455,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         if pending is not None:
           check_finite(pending)
         pending = (step, step_metrics["train/finite"], step_metrics["train/loss"])
-        save_now = checkpointer.should_save(step) or step == total
-        if step % config.log_every_steps == 0 or step == total or save_now:
+        log_now = step % config.log_every_steps == 0 or step == total
+        stop_now = preemption.should_stop(at_sync_point=log_now)
+        save_now = checkpointer.should_save(step) or step == total or stop_now
+        if log_now or save_now:
           check_finite(pending)
           pending = None
-        if step % config.log_every_steps == 0 or step == total:
+        if log_now:
           now = time.time()
           step_time = (now - t_last) / max(step - step_last, 1)
           t_last, step_last = now, step
@@ -347,18 +480,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           last.update(scalars)
         if save_now:
           checkpointer.save(step, state, iterator.get_state())
+        if stop_now:
+          preempted_at = step
+          break
         eval_every = config.eval.every_steps
         if evaluator is not None and (step == total or (eval_every > 0 and
                                                         step % eval_every == 0)):
           eval_metrics = evaluator(state.params)
           writer.write(step, eval_metrics)
           logging.info("eval at step %d: %s", step,
-                       ", ".join(f"{k} {v:.4f}" for k, v in sorted(eval_metrics.items())))
+                       ", ".join(f"{k} {v:.4g}" for k, v in sorted(eval_metrics.items())))
           last.update(eval_metrics)
           t_last, step_last = time.time(), step  # evaluation time is not step time
   finally:
     # Also on errors: an asynchronous save in flight must finish before the process moves on.
     checkpointer.close()
-  ckpt_lib.export_params(workdir, state.params, config.to_json(indent=2))
+    preemption.restore_handler()
   writer.close()
+  if preempted_at is not None:
+    logging.info("Stopped at step %d on SIGTERM with a checkpoint saved; run the same command "
+                 "again to resume.", preempted_at)
+    last["preempted_at_step"] = preempted_at
+    return last
+  ckpt_lib.export_params(workdir, state.params, config.to_json(indent=2), tokenizer)
   return last

@@ -7,10 +7,16 @@ config.data.eval names one source used for everything it can serve:
   anything else   retrieval (records sharing an image, or a record with a list of
                   captions, give several captions per image)
 config.data.eval_zeroshot / eval_retrieval, when set, name the source of that task instead.
+
+Every set is scored whole unless `max_examples` (config.eval.max_examples) caps it: then a
+random sample of that many records, drawn with config.data.seed, is read (`sample_indices`),
+and bad records within the sample are skipped, so a cap of N scores N minus the bad ones.
+Images are kept as uint8 with the options that normalise them per batch (docs/evaluation.md).
 """
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Mapping
 
 import ml_collections
 import numpy as np
@@ -18,23 +24,46 @@ import numpy as np
 from vljax.configlib import ConfigError
 from vljax.data import pipeline, preprocess, sources
 
+TASKS = ("zeroshot", "retrieval")
+
 
 def _get(data_config, key: str, default: Any = None) -> Any:
   value = data_config.get(key, default) if hasattr(data_config, "get") else default
   return default if value in (None, "") else value
 
 
-def _load(data_config, spec: str, tokenizer, require_caption: bool):
+def sample_indices(num_records: int, max_examples: int, seed: int) -> np.ndarray | None:
+  """Sorted record indices of a random sample of `max_examples` records; None = all.
+
+  The sample is the first `max_examples` entries of a permutation drawn from `seed`, so it is
+  the same for every evaluation and run with that seed, and a smaller cap picks a subset of a
+  larger one. Sorted, because sequential formats read faster in file order.
+  """
+  if max_examples < 0:
+    raise ConfigError(f"config.eval.max_examples must be >= 0 (0 = every example); got "
+                      f"{max_examples}.")
+  if max_examples == 0 or max_examples >= num_records:
+    return None
+  order = np.random.default_rng(seed).permutation(num_records)
+  return np.sort(order[:max_examples])
+
+
+def _load(data_config, spec: str, tokenizer, require_caption: bool, max_examples: int):
   if "|" in spec:
     raise ConfigError(f"Evaluation data cannot be a mixture: {spec!r}.")
   source = sources.get_source(spec, "heldout", data_config.image_size, data_config.seed,
                               data_config)
+  indices = sample_indices(len(source), max_examples, data_config.seed)
   data = pipeline.load_eval_data(
       source, tokenizer, image_size=data_config.image_size, max_len=data_config.max_len,
-      num_examples=data_config.eval_examples,
+      indices=indices, normalize=False,
       image_options=preprocess.image_options_from_config(data_config, data_config.image_size,
                                                          train=False),
       text_options=_text_options(data_config), require_caption=require_caption)
+  sampled = "every record" if indices is None else (
+      f"a random sample of {len(indices)} (seed {data_config.seed})")
+  logging.info("Eval source %s: %d usable examples of %d records (%s), %d bad skipped.",
+               spec, len(data["image"]), len(source), sampled, data["skipped"])
   return source, data
 
 
@@ -43,14 +72,22 @@ def _text_options(data_config) -> preprocess.TextOptions:
                                 canonicalize=bool(_get(data_config, "canonicalize", False)))
 
 
-def zeroshot_set(data_config, spec: str, tokenizer) -> dict[str, Any]:
-  """{'image', 'label', 'class_prompts'} from a labelled source."""
-  source, data = _load(data_config, spec, tokenizer, require_caption=False)
+def _bookkeeping(spec: str, data: dict[str, Any]) -> dict[str, Any]:
+  """What every set carries besides its examples: how to normalise, where it came from."""
+  return {"image_options": data["image_options"], "spec": spec, "skipped": data["skipped"]}
+
+
+def zeroshot_set(data_config, spec: str, tokenizer, max_examples: int = 0) -> dict[str, Any]:
+  """{'image' (uint8), 'label', 'class_prompts', 'record_index', 'image_options', 'spec',
+  'skipped'}."""
+  source, data = _load(data_config, spec, tokenizer, require_caption=False,
+                       max_examples=max_examples)
   prompts = sources.class_prompts(spec, source, _get(data_config, "prompt_templates"))
   if np.any(data["label"] < 0) or np.any(data["label"] >= len(prompts)):
     raise ConfigError(f"Zero-shot source {spec!r} has labels outside its {len(prompts)} "
                       f"classes.")
-  return {"image": data["image"], "label": data["label"], "class_prompts": prompts}
+  return {"image": data["image"], "label": data["label"], "class_prompts": prompts,
+          "record_index": data["record_index"], **_bookkeeping(spec, data)}
 
 
 def group_captions(data: dict[str, Any]) -> dict[str, Any]:
@@ -63,30 +100,65 @@ def group_captions(data: dict[str, Any]) -> dict[str, Any]:
       keep.append(row)
     captions.extend(caps)
     caption_image.extend([first[image_id]] * len(caps))
-  return {"image": data["image"][np.asarray(keep)], "captions": captions,
-          "caption_image": np.asarray(caption_image, dtype=np.int32)}
+  out = {"image": data["image"][np.asarray(keep)], "captions": captions,
+         "caption_image": np.asarray(caption_image, dtype=np.int32)}
+  if "record_index" in data:
+    out["record_index"] = np.asarray(data["record_index"])[np.asarray(keep)]
+  return out
 
 
-def retrieval_set(data_config, spec: str, tokenizer) -> dict[str, Any]:
-  """{'image', 'captions', 'caption_image'} from any captioned source."""
-  _, data = _load(data_config, spec, tokenizer, require_caption=True)
-  return group_captions(data)
+def retrieval_set(data_config, spec: str, tokenizer, max_examples: int = 0) -> dict[str, Any]:
+  """{'image' (uint8), 'captions', 'caption_image', 'record_index' (of each image's first
+  record), 'image_options', 'spec', 'skipped'}.
+
+  A cap samples records: each sampled record brings its image and its captions (in a file
+  with one line per (image, caption) pair, only the sampled pairs' captions).
+  """
+  _, data = _load(data_config, spec, tokenizer, require_caption=True,
+                  max_examples=max_examples)
+  return {**group_captions(data), **_bookkeeping(spec, data)}
 
 
-def load_eval_sets(data_config: ml_collections.ConfigDict, tokenizer) -> dict[str, Any]:
-  """The zero-shot and/or retrieval sets the config names."""
+def _caps(eval_config: Mapping[str, Any] | None) -> dict[str, int]:
+  """{'zeroshot': N, 'retrieval': N} from config.eval.max_examples (0 = the whole set)."""
+  given = eval_config.get("max_examples") if eval_config is not None else None
+  caps = {task: 0 for task in TASKS}
+  for task, value in (dict(given) if given else {}).items():
+    if task not in caps:
+      raise ConfigError(f"config.eval.max_examples has an unknown task {task!r}; known: "
+                        f"{', '.join(TASKS)}.")
+    caps[task] = int(value or 0)
+  return caps
+
+
+def load_eval_sets(data_config: ml_collections.ConfigDict, tokenizer,
+                   eval_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+  """The zero-shot and/or retrieval sets the config names.
+
+  Args:
+    data_config: config.data (sources, image and text options, seed of the samples).
+    tokenizer: the model's tokenizer.
+    eval_config: config.eval; its max_examples {'zeroshot': N, 'retrieval': N} caps each set to
+      a random sample of N records drawn with data_config.seed (0 or missing = the whole set).
+      None = every set whole.
+  """
+  caps = _caps(eval_config)
   spec = _get(data_config, "eval", "")
   zs_spec = _get(data_config, "eval_zeroshot", "")
   rt_spec = _get(data_config, "eval_retrieval", "")
   out: dict[str, Any] = {}
-  if spec == "synthetic" and not zs_spec and not rt_spec:
-    # The same held-out images serve both tasks (one caption per image).
-    source, data = _load(data_config, spec, tokenizer, require_caption=True)
+  if spec == "synthetic" and not zs_spec and not rt_spec and (
+      caps["zeroshot"] == caps["retrieval"]):
+    # The same held-out images serve both tasks (one caption per image); the evaluator embeds
+    # the one image array once for both.
+    source, data = _load(data_config, spec, tokenizer, require_caption=True,
+                         max_examples=caps["zeroshot"])
+    kept = {**_bookkeeping(spec, data), "record_index": data["record_index"]}
     return {
         "zeroshot": {"image": data["image"], "label": data["label"],
-                     "class_prompts": sources.class_prompts(spec)},
+                     "class_prompts": sources.class_prompts(spec), **kept},
         "retrieval": {"image": data["image"], "captions": data["caption"],
-                      "caption_image": None},
+                      "caption_image": None, **kept},
     }
   if spec and not (zs_spec or rt_spec):
     kind = spec.partition(":")[0]
@@ -104,7 +176,7 @@ def load_eval_sets(data_config: ml_collections.ConfigDict, tokenizer) -> dict[st
     elif kind != "imagefolder":
       rt_spec = spec
   if zs_spec:
-    out["zeroshot"] = zeroshot_set(data_config, zs_spec, tokenizer)
+    out["zeroshot"] = zeroshot_set(data_config, zs_spec, tokenizer, caps["zeroshot"])
   if rt_spec:
-    out["retrieval"] = retrieval_set(data_config, rt_spec, tokenizer)
+    out["retrieval"] = retrieval_set(data_config, rt_spec, tokenizer, caps["retrieval"])
   return out

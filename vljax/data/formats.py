@@ -12,7 +12,9 @@ Readers never decode images and never raise on a bad record once
 constructed: a record that cannot be read is returned with an 'error' entry
 (see `SafeSource`), and the preprocessing step skips and counts it. A reader
 that finds nothing at all (a glob matching no file, an empty file) raises
-`EmptySourceError` at construction, naming the path.
+`EmptySourceError` at construction, naming the path; one whose named fields
+cannot exist (a CSV header without the image column, jsonl records none of
+which has the caption field) raises `ConfigError` naming the fields it has.
 """
 from __future__ import annotations
 
@@ -91,10 +93,21 @@ class WebDataset:
   offset, so access is random and cheap.
   """
 
-  def __init__(self, pattern: str, caption_key: str = 'caption'):
+  def __init__(self, pattern: str, caption_key: str = 'caption',
+               prefer_json: bool = False):
+    """Indexes the shards.
+
+    Args:
+      pattern: brace/glob pattern of the tar files.
+      caption_key: field of KEY.json holding the caption.
+      prefer_json: read the caption from KEY.json even when KEY.txt exists
+        (set when the user named the json field: img2dataset writes both, and
+        a named field must not be silently shadowed by the .txt).
+    """
     self.pattern = pattern
     self.paths = expand_paths(pattern)
     self.caption_key = caption_key
+    self.prefer_json = prefer_json
     # One row per key: (shard index, key, {ext: (offset, size)}).
     self._index: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
     for shard, path in enumerate(self.paths):
@@ -145,11 +158,15 @@ class WebDataset:
     if image_ext is None:
       raise KeyError(f'no image member (has {sorted(exts)})')
     record['image'] = self._read(shard, *exts[image_ext])
-    if 'txt' in exts:
-      record['caption'] = self._read(shard, *exts['txt'])
-    elif 'json' in exts:
+    if 'json' in exts and (self.prefer_json or 'txt' not in exts):
       meta = json.loads(self._read(shard, *exts['json']))
-      record['caption'] = meta.get(self.caption_key)
+      if not isinstance(meta, dict) or self.caption_key not in meta:
+        have = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise KeyError(f'no field {self.caption_key!r} in {key}.json (it has '
+                       f'{have}); name the caption field with ?caption=FIELD')
+      record['caption'] = meta[self.caption_key]
+    elif 'txt' in exts:
+      record['caption'] = self._read(shard, *exts['txt'])
     if 'cls' in exts:
       record['label'] = int(self._read(shard, *exts['cls']).strip())
     return record
@@ -158,8 +175,17 @@ class WebDataset:
 # ----------------------------------------------------------------- jsonl / csv
 
 
+# How many records of a jsonl file are searched for the named fields.
+_FIELD_SCAN = 100
+
+
 class _TableSource:
-  """Rows of (image path relative to the file, caption); shared by jsonl/csv."""
+  """Rows of (image path relative to the file, caption); shared by jsonl/csv.
+
+  `rows` holds (line number, dict) pairs, or (line number, exception) for a
+  row that could not be parsed: reading it raises, so it is skipped and
+  counted like any other bad record.
+  """
 
   def __init__(self, path: str, rows: list[Any], image_key: str,
                caption_key: str, label_key: str):
@@ -194,11 +220,29 @@ class _TableSource:
             'image_id': str(rel)}
 
 
+def _fields_to_check(image_key: str, caption_key: str, label_key: str,
+                     require_label: bool) -> list[tuple[str, str]]:
+  """(spec option, field name) pairs a table source must have."""
+  fields = [('image', image_key), ('caption', caption_key)]
+  return fields + [('label', label_key)] if require_label else fields
+
+
+def _missing_field_error(kind: str, path: str, option: str, name: str,
+                         where: str, have: list[str]) -> ConfigError:
+  noun = 'column' if kind == 'csv' else 'field'
+  have_text = ', '.join(repr(h) for h in have) or 'none'
+  return ConfigError(
+      f'{path}: {where} has no {option} {noun} {name!r}; the {noun}s there '
+      f'are {have_text}. Name the right one in the source spec: '
+      f'{kind}:{path}?{option}={noun.upper()} (docs/data.md).')
+
+
 class JsonLines(_TableSource):
   """`jsonl:PATH`: one JSON object per line, e.g. {"image": "a.jpg", "caption": "..."}."""
 
   def __init__(self, path: str, image_key: str = 'image',
-               caption_key: str = 'caption', label_key: str = 'label'):
+               caption_key: str = 'caption', label_key: str = 'label',
+               require_label: bool = False):
     path = expand_paths(path)[0]
     rows = []
     with open(path, 'rb') as f:
@@ -210,21 +254,74 @@ class JsonLines(_TableSource):
         except ValueError as e:  # keep the row: it is counted when read
           rows.append((line_no, ValueError(f'invalid JSON line: {e}')))
     super().__init__(path, rows, image_key, caption_key, label_key)
+    # Records may omit a field now and then (bad records), but when none of
+    # the first ones has it, the field name is wrong: every record would be
+    # skipped, so say so now.
+    objects = [r for _, r in rows[:_FIELD_SCAN] if isinstance(r, dict)]
+    if objects:
+      for option, name in _fields_to_check(image_key, caption_key, label_key,
+                                           require_label):
+        if not any(name in r for r in objects):
+          have = sorted({k for r in objects for k in r})
+          raise _missing_field_error(
+              'jsonl', path, option, name,
+              f'each of the first {len(objects)} records', have)
 
 
 class Csv(_TableSource):
-  """`csv:PATH`: a header row, then one record per row (columns configurable)."""
+  """`csv:PATH`: a header row, then one record per row (columns named by the spec).
+
+  Parsed by the csv module (excel dialect): fields holding commas, quotes or
+  newlines are double-quoted, a quote inside is doubled. A row whose field
+  count differs from the header's is a bad record naming its line, not
+  silently re-aligned.
+  """
 
   def __init__(self, path: str, image_key: str = 'image',
-               caption_key: str = 'caption', label_key: str = 'label'):
+               caption_key: str = 'caption', label_key: str = 'label',
+               require_label: bool = False):
     path = expand_paths(path)[0]
+    name = os.path.basename(path)
+    header, rows = None, []
     # Bytes are decoded per field later; a non-UTF-8 caption must not make
-    # the whole file unreadable.
-    with open(path, 'r', encoding='utf-8', errors='surrogateescape',
+    # the whole file unreadable. utf-8-sig drops the byte-order mark that
+    # spreadsheet exports put before the first column name.
+    with open(path, 'r', encoding='utf-8-sig', errors='surrogateescape',
               newline='') as f:
-      rows = [(line_no, row) for line_no, row in
-              enumerate(csv.DictReader(f), 2)]
-    rows = [(n, _unescape_row(r)) for n, r in rows]
+      reader = csv.reader(f)
+      end = 0  # last physical line consumed so far
+      while True:
+        start = end + 1  # a quoted newline makes one row span several lines
+        try:
+          fields = next(reader)
+        except StopIteration:
+          break
+        except csv.Error as e:
+          end = reader.line_num
+          rows.append((start, ValueError(f'{name} line {start}: {e}')))
+          continue
+        end = reader.line_num
+        if not fields:  # blank line
+          continue
+        if header is None:
+          header = fields
+          continue
+        if len(fields) != len(header):
+          rows.append((start, ValueError(
+              f'{name} line {start}: expected {len(header)} fields '
+              f'({", ".join(header)}), got {len(fields)}; quote fields that '
+              f'contain commas, quotes or newlines ("a, b")')))
+          continue
+        rows.append((start, _unescape_row(dict(zip(header, fields)))))
+    if header is None:
+      raise EmptySourceError(f'No records in {path!r} (empty file?).')
+    for option, field in _fields_to_check(image_key, caption_key, label_key,
+                                          require_label):
+      if field not in header:
+        raise _missing_field_error('csv', path, option, field, 'the header',
+                                   header)
+    if not rows:
+      raise EmptySourceError(f'No records in {path!r} (only a header).')
     super().__init__(path, rows, image_key, caption_key, label_key)
 
 
@@ -304,15 +401,55 @@ class Tfds:
 
   def __init__(self, name: str, split: str, image_key: str = 'image',
                text_key: str = 'caption', label_key: str = 'label',
-               data_dir: str | None = None, data_source: Any = None):
+               data_dir: str | None = None, data_source: Any = None,
+               required: tuple[str, ...] = ()):
+    """Opens the split.
+
+    Args:
+      name, split: the TFDS dataset and split.
+      image_key, text_key, label_key: feature names ('/' for nested).
+      data_dir: where the prepared dataset lives (None: TFDS's default).
+      data_source: an already opened random-access source (tests).
+      required: feature keys besides `image_key` that must exist (those the
+        user named: a classification dataset has no caption, but a caption
+        feature named in the spec must be there).
+    """
     self.name, self.split = name, split
     self.image_key, self.text_key, self.label_key = image_key, text_key, label_key
     if data_source is None:
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-      data_source = tfds.data_source(name, split=split, data_dir=data_dir)
+      try:
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        data_source = tfds.data_source(name, split=split, data_dir=data_dir)
+      except ImportError as e:
+        raise ConfigError(f'tfds:{name} needs tensorflow_datasets ({e}); '
+                          f'install it (pip install -e .[tfds]).') from e
+      except Exception as e:  # pylint: disable=broad-except
+        # Not registered / not prepared / no such split raise assorted types.
+        # TFDS appends the list of every registered dataset: keep the gist.
+        where = data_dir or '$TFDS_DATA_DIR or the TFDS default directory'
+        gist = (str(e).strip().splitlines() or [''])[0][:300]
+        raise ConfigError(
+            f'TFDS dataset {name!r} split {split!r} cannot be opened from '
+            f'{where} ({type(e).__name__}: {gist}); prepare it with '
+            f'`tfds build {name}` or set config.data.tfds_data_dir.') from e
     self._source = data_source
     if len(self._source) == 0:
       raise EmptySourceError(f'TFDS dataset {name!r} split {split!r} is empty.')
+    self._check_features((image_key,) + tuple(required))
+
+  def _check_features(self, keys: tuple[str, ...]) -> None:
+    """Named features missing from the first example are a config error."""
+    try:
+      first = self._source[0]
+    except Exception:  # pylint: disable=broad-except
+      return  # an unreadable first example is a bad record, found later
+    for key in keys:
+      if _nested(first, key) is None:
+        raise ConfigError(
+            f'TFDS dataset {self.name!r} has no feature {key!r}; its features '
+            f'are {", ".join(_feature_paths(first))}. Name the right one in '
+            f'the source spec, e.g. tfds:{self.name}?caption=FEATURE '
+            f'(docs/data.md).')
 
   def label_names(self) -> list[str] | None:
     """Class names of the label feature, if it is a ClassLabel."""
@@ -338,6 +475,17 @@ class Tfds:
             'caption': caption,
             'label': int(label) if label is not None else -1,
             'image_id': f'{self.name}[{index}]'}
+
+
+def _feature_paths(ex: Any, prefix: str = '') -> list[str]:
+  """'/'-joined keys of a nested example, e.g. ['captions/text', 'image']."""
+  if not isinstance(ex, dict):
+    return [prefix]
+  out = []
+  for k in sorted(ex):
+    out.extend(_feature_paths(ex[k], f'{prefix}{k}/') if isinstance(
+        ex[k], dict) else [f'{prefix}{k}'])
+  return out
 
 
 def _nested(ex: dict[str, Any], key: str, required: bool = False) -> Any:

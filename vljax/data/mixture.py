@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from vljax.configlib import ConfigError
+
 
 class Mixture:
   """Several random-access sources drawn from in proportion to their weights.
@@ -35,14 +37,24 @@ class Mixture:
 def split_spec(spec: str) -> list[tuple[float, str]]:
   """'0.7*webdataset:/a/{0..9}.tar|0.3*jsonl:/b.jsonl' -> [(0.7, ...), (0.3, ...)].
 
-  A part without 'W*' has weight 1.
+  A part without 'W*' has weight 1. Each part keeps its own `?options`
+  (vljax.data.sources.parse_spec reads them).
+
+  Raises:
+    ConfigError: an empty part or a weight that is not positive.
   """
   out = []
   for part in spec.split('|'):
     part = part.strip()
     weight, star, rest = part.partition('*')
     try:
+      # A '*' that is a glob wildcard ('webdataset:/d/*.tar') is no weight.
       out.append((float(weight), rest.strip()) if star else (1.0, part))
     except ValueError:
       out.append((1.0, part))
+    if not out[-1][1]:
+      raise ConfigError(f'Mixture {spec!r} has an empty part; write W1*SPEC1|W2*SPEC2.')
+    if not out[-1][0] > 0:
+      raise ConfigError(f'Mixture {spec!r}: weight {out[-1][0]} of {out[-1][1]!r} must be '
+                        f'positive.')
   return out

@@ -7,8 +7,9 @@ slice per process, then skipping of unusable records and batching with
 tokenised captions. The result is a `grain.DatasetIterator` whose small,
 JSON-serialisable state resumes it exactly.
 
-Evaluation: every usable example of a (held-out) source in order, as one
-dict of numpy arrays.
+Evaluation: every usable example of a (held-out) source, or of a chosen
+list of its records, in order, as one dict of numpy arrays; records are
+decoded by a thread pool and images can stay uint8 until they are embedded.
 
 A source is anything with `__len__` and `__getitem__(index)` returning a raw
 record (vljax.data.formats): 'image' (encoded bytes, or uint8 [H, W, 3] /
@@ -18,9 +19,11 @@ record (vljax.data.formats): 'image' (encoded bytes, or uint8 [H, W, 3] /
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
+import os
 from typing import Any, Callable, Mapping, Sequence
 
 import grain
@@ -365,61 +368,183 @@ def make_train_iterator(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
                                 **kwargs))
 
 
+# Records decoded concurrently per window while loading an eval set: bounds
+# the encoded bytes held at once (a window of ImageNet JPEGs is a few MB)
+# while keeping every thread busy.
+_EVAL_WINDOW_PER_THREAD = 16
+# Individually logged bad eval records per set; the rest are only counted.
+_EVAL_BAD_LOGGED = 10
+
+
+def _default_decode_threads() -> int:
+  # PIL releases the GIL while decoding and resizing: threads scale with cores.
+  return max(1, min(16, os.cpu_count() or 1))
+
+
+@dataclasses.dataclass
+class _EvalExample:
+  """One decoded eval record, or why it cannot be used (`error` set)."""
+  key: str
+  pixels: np.ndarray | None = None
+  label: int = -1
+  captions: list[str] | None = None
+  image_id: str = ''
+  error: str | None = None
+
+
+def _read_eval_example(safe: formats.SafeSource, index: int,
+                       image_opts: preprocess.ImageOptions,
+                       text_opts: preprocess.TextOptions,
+                       require_caption: bool) -> _EvalExample:
+  """Reads, decodes and resizes record `index` (uint8); never raises."""
+  record = safe[index]
+  key = str(record.get('key', index))
+  try:
+    if 'error' in record:
+      raise preprocess.BadRecord(record['error'])
+    caps = preprocess.captions_list(record.get('caption'), text_opts)
+    if not caps and require_caption:
+      raise preprocess.BadRecord('no usable caption')
+    # The eval options are never random, so a reduced-scale JPEG decode is safe.
+    image = preprocess.decode_image(record.get('image'), image_opts.size)
+    pixels, _ = preprocess.augment_image(image, image_opts)
+    image_id = record.get('image_id', record.get('key', index))
+    return _EvalExample(key=key, pixels=pixels,
+                        label=int(record.get('label', -1)), captions=caps,
+                        image_id=str(image_id))
+  except Exception as e:  # pylint: disable=broad-except
+    # One unusable record must never stop an evaluation; it is counted instead.
+    return _EvalExample(key=key, error=str(e))
+
+
+def _eval_image_options(image_size: int,
+                        image_options: preprocess.ImageOptions | None
+                        ) -> preprocess.ImageOptions:
+  """The deterministic part of the options: evaluation never augments."""
+  opts = _image_options(image_size, None, image_options)
+  if opts.random:
+    opts = preprocess.ImageOptions(size=image_size, resize=opts.resize,
+                                   mean=opts.mean, std=opts.std)
+  return opts
+
+
 def load_eval_data(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
                    image_size: int, max_len: int,
                    num_examples: int | None = None,
+                   indices: Sequence[int] | np.ndarray | None = None,
                    image_options: preprocess.ImageOptions | None = None,
                    text_options: preprocess.TextOptions | None = None,
-                   require_caption: bool = True) -> dict[str, Any]:
-  """All (or the first `num_examples` usable) examples of a source, in order.
+                   require_caption: bool = True, normalize: bool = True,
+                   num_threads: int | None = None) -> dict[str, Any]:
+  """The usable examples of a source (or of the records `indices`), in order.
 
-  Bad records are skipped and counted (logged at WARNING).
+  Records are read, decoded and resized by a pool of `num_threads` threads;
+  the result does not depend on the thread count. Bad records are skipped and
+  counted (the first few are logged at WARNING).
+
+  Args:
+    source: random-access source of raw records (vljax.data.formats).
+    tokenizer: tokenises the first caption of each example into 'text'.
+    image_size: output image side.
+    max_len: token length of 'text'.
+    num_examples: stop after this many usable examples (the first ones of
+      the records read); None = all.
+    indices: the record indices to read, in this order; None = every record.
+    image_options: resize mode and normalisation (augmentation is ignored).
+    text_options: caption clean-up.
+    require_caption: a record without a usable caption is bad.
+    normalize: True returns float32 normalised images (4x the memory);
+      False returns the uint8 pixels, to be normalised per batch later with
+      `preprocess.normalize(pixels, result['image_options'])`, which gives
+      exactly the float32 values of normalize=True.
+    num_threads: decoding threads; None = one per core (at most 16); <= 1
+      decodes in this thread.
 
   Returns:
-    {'image': float32 [N, H, W, 3], 'text': int32 [N, max_len] (first
-    caption), 'label': int32 [N], 'caption': list of N str (first caption),
-    'captions': list of N lists of str (all captions), 'image_id': list of N
-    str, 'skipped': int}.
+    {'image': float32 (or uint8) [N, H, W, 3], 'text': int32 [N, max_len]
+    (first caption), 'label': int32 [N], 'caption': list of N str (first
+    caption), 'captions': list of N lists of str (all captions), 'image_id':
+    list of N str, 'record_index': int64 [N] (source index of each example),
+    'skipped': int (bad records among those read), 'image_options': the
+    ImageOptions the images were (or are to be) normalised with}.
+
+  Raises:
+    ValueError: the source is empty, nothing is selected, or no selected
+      record is usable.
   """
-  n = _check_source(source)
+  total = _check_source(source)
+  if indices is None:
+    indices = np.arange(total)
+  indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+  if indices.size and (indices.min() < 0 or indices.max() >= total):
+    raise ValueError(f'Record indices outside [0, {total}) of {source!r}.')
+  wanted = len(indices)
   if num_examples is not None:
-    n = min(n, num_examples)
-  if n <= 0:
-    raise ValueError(f'num_examples={num_examples} selects no examples.')
-  image_opts = _image_options(image_size, None, image_options)
-  if image_opts.random:
-    image_opts = preprocess.ImageOptions(
-        size=image_size, resize=image_opts.resize, mean=image_opts.mean,
-        std=image_opts.std)
+    wanted = min(wanted, num_examples)
+  if wanted <= 0:
+    raise ValueError(f'num_examples={num_examples} with {len(indices)} record '
+                     f'index(es) selects no examples.')
+  image_opts = _eval_image_options(image_size, image_options)
   text_opts = text_options or preprocess.TextOptions()
+  threads = (_default_decode_threads() if num_threads is None
+             else int(num_threads))
   safe = formats.SafeSource(source)
-  images, labels, captions, ids, skipped = [], [], [], [], 0
-  for i in range(len(safe)):
-    if len(images) >= n:
-      break
-    record = safe[i]
-    try:
-      if 'error' in record:
-        raise preprocess.BadRecord(record['error'])
-      caps = preprocess.captions_list(record.get('caption'), text_opts)
-      if not caps and require_caption:
-        raise preprocess.BadRecord('no usable caption')
-      image = preprocess.decode_image(record.get('image'), image_size)
-      images.append(preprocess.process_image(image, image_opts))
-    except Exception as e:  # pylint: disable=broad-except
-      skipped += 1
-      logging.warning('Skipped bad eval record %s: %s', record.get('key', i), e)
-      continue
-    labels.append(int(record.get('label', -1)))
-    captions.append(caps)
-    ids.append(str(record.get('image_id', record.get('key', i))))
-  if not images:
-    raise ValueError(f'No usable example in {source!r}.')
+  read = functools.partial(_read_eval_example, safe, image_opts=image_opts,
+                           text_opts=text_opts, require_caption=require_caption)
+
+  # Filled in place, so the pixels are never held twice (a list plus a stack).
+  pixels = np.empty((wanted, image_size, image_size, 3), np.uint8)
+  labels, captions, ids, kept = [], [], [], []
+  skipped = 0
+  pool = (concurrent.futures.ThreadPoolExecutor(threads, 'vljax-eval-decode')
+          if threads > 1 else None)
+  window = max(1, threads) * _EVAL_WINDOW_PER_THREAD
+  try:
+    for start in range(0, len(indices), window):
+      chunk = indices[start:start + window].tolist()
+      # map() yields in submission order: the thread count reorders nothing.
+      examples = pool.map(read, chunk) if pool else map(read, chunk)
+      for index, example in zip(chunk, examples):
+        if example.error is not None:
+          skipped += 1
+          if skipped <= _EVAL_BAD_LOGGED:
+            logging.warning('Skipped bad eval record %s: %s', example.key,
+                            example.error)
+          continue
+        pixels[len(kept)] = example.pixels
+        labels.append(example.label)
+        captions.append(example.captions)
+        ids.append(example.image_id)
+        kept.append(index)
+        if len(kept) == wanted:
+          break
+      if len(kept) == wanted:
+        break
+  finally:
+    if pool is not None:
+      pool.shutdown(wait=True, cancel_futures=True)
+  if not kept:
+    raise ValueError(
+        f'No usable example in {source!r} ({skipped} bad records).')
+  if skipped > _EVAL_BAD_LOGGED:
+    logging.warning('Skipped %d bad eval records of %r in all.', skipped,
+                    source)
+  # A view: rows left over by bad records stay allocated, but are few.
+  pixels = pixels[:len(kept)]
+  if normalize:
+    images = np.empty(pixels.shape, np.float32)
+    for start in range(0, len(images), 1024):  # bounded float temporaries
+      images[start:start + 1024] = preprocess.normalize(
+          pixels[start:start + 1024], image_opts)
+  else:
+    images = pixels
   first = [c[0] if c else '' for c in captions]
   return {
-      'image': np.stack(images),
+      'image': images,
       'text': tokenizer.encode(first, max_len),
       'label': np.asarray(labels, dtype=np.int32),
       'caption': first, 'captions': captions, 'image_id': ids,
+      'record_index': np.asarray(kept, dtype=np.int64),
       'skipped': skipped,
+      'image_options': image_opts,
   }

@@ -1,25 +1,74 @@
 """Data sources by name, as written in config.data.train / config.data.eval.
 
-Spec strings:
+Spec strings, `KIND:ARG[?name=value&name=value]`:
   synthetic                      the embedded synthetic dataset
-  webdataset:GLOB                img2dataset-style tar shards ({00000..01242} and * work)
+  webdataset:GLOB                img2dataset-style tar shards ({00000..01242}, * and ? work)
   jsonl:PATH, csv:PATH           one record per line: image path (relative to the file) + caption
   arrayrecord:GLOB               shards written by `python -m vljax.data.convert`
-  tfds:NAME[:SPLIT]              a prepared TFDS dataset (TFDS_DATA_DIR or config.data.tfds_data_dir)
+  tfds:NAME[:SPLIT]              a prepared TFDS dataset (in config.data.tfds_data_dir)
   imagefolder:DIR                DIR/CLASS/*.jpg, for zero-shot classification
-  W1*SPEC1|W2*SPEC2              a weighted mixture (training only)
+  W1*SPEC1|W2*SPEC2              a weighted mixture (training only); each SPEC has its own options
+
+Options name the fields of one source (`csv:train.csv?image=filepath&caption=title`); the
+kinds and the options each takes are the table OPTIONS. Because a glob may use '?' as a
+wildcard, only the text after the LAST '?' is options, and only when all of it reads as
+`name=value(&name=value)*` with identifier names; anything else stays part of ARG.
+
+`check_source` opens a source and decodes a few records before training starts, so a wrong
+path or field name fails in seconds with the config key that named it.
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
-from typing import Any, Mapping, Sequence
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
 
 from vljax.configlib import ConfigError
 from vljax.data import formats
 from vljax.data import mixture
+from vljax.data import preprocess
 from vljax.data import synthetic
 
-KNOWN = ("synthetic", "webdataset", "jsonl", "csv", "arrayrecord", "tfds", "imagefolder")
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+  """One `?name=value` option of a source kind.
+
+  Attributes:
+    default: the value when the spec does not give one (a string, as written in a spec).
+    help: what it means (shown in errors; keep docs/data.md's table in step).
+    parse: turns the written string into the value the reader gets (e.g. int).
+  """
+  default: str
+  help: str
+  parse: Callable[[str], Any] = str
+
+
+_IMAGE = Option("image", "image path field / column (jsonl, csv) or image feature (tfds)")
+_CAPTION = Option("caption", "caption field / column / feature ('/' for nested TFDS features)")
+_LABEL = Option("label", "integer class label field / column / feature")
+
+# The options every kind takes (none yet; e.g. an eval sample size would go here).
+COMMON_OPTIONS: dict[str, Option] = {}
+
+# The options each kind takes after '?'. Adding one is a row here, a read of
+# `option_values(...)[name]` where the source is built, and a row in docs/data.md.
+OPTIONS: dict[str, dict[str, Option]] = {
+    "synthetic": {},
+    "webdataset": {"caption": Option(
+        "caption", "field of KEY.json holding the caption; when given, it is read even "
+        "where a KEY.txt exists")},
+    "jsonl": {"image": _IMAGE, "caption": _CAPTION, "label": _LABEL},
+    "csv": {"image": _IMAGE, "caption": _CAPTION, "label": _LABEL},
+    "arrayrecord": {},
+    "tfds": {"image": _IMAGE, "caption": _CAPTION, "label": _LABEL},
+    "imagefolder": {},
+}
+KNOWN = tuple(OPTIONS)
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -31,23 +80,107 @@ DEFAULT_TEMPLATES = (
 # Split names of `tfds:NAME` without an explicit split.
 _TFDS_SPLITS = {"train": "train", "heldout": "test"}
 
+# Kinds whose ARG is a glob, where '?' may be a wildcard (named in option errors).
+_GLOB_KINDS = ("webdataset", "arrayrecord")
 
-def _prefix(spec: str) -> tuple[str, str]:
-  name, _, arg = spec.partition(":")
-  if name not in KNOWN:
+# `name=value(&name=value)*`: what must follow the last '?' for it to be options.
+_OPTIONS_RE = re.compile(r"[A-Za-z_]\w*=[^&]*(?:&[A-Za-z_]\w*=[^&]*)*", re.ASCII)
+
+# Start-up probing draws its random positions from this seed, so a failure is reproducible
+# whatever config.data.seed is.
+_PROBE_SEED = 0
+
+
+def options_of(kind: str) -> dict[str, Option]:
+  """The options `kind` takes: name -> Option."""
+  return {**COMMON_OPTIONS, **OPTIONS[kind]}
+
+
+def _split_options(spec: str) -> tuple[str, str | None]:
+  """'csv:a.csv?image=f' -> ('csv:a.csv', 'image=f'); (spec, None) when there are no options."""
+  head, mark, tail = spec.rpartition("?")
+  if mark and _OPTIONS_RE.fullmatch(tail):
+    return head, tail
+  return spec, None
+
+
+def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+  """One source spec -> (kind, arg, options given in the spec).
+
+  `options` holds only what the spec writes (see `option_values` for defaults), in order, so
+  `format_spec(*parse_spec(s))` gives back `s`.
+
+  Raises:
+    ConfigError: a mixture (use mixture.split_spec first), unknown kind, missing ARG, or an
+      option the kind does not take (the error lists the ones it does).
+  """
+  spec = spec.strip()
+  if "|" in spec:
+    raise ConfigError(f"{spec!r} is a mixture of sources; split it with "
+                      f"mixture.split_spec and parse each part.")
+  head, option_text = _split_options(spec)
+  kind, _, arg = head.partition(":")
+  if kind not in OPTIONS:
     raise ConfigError(f"Unknown data source {spec!r} in config.data; known sources: {KNOWN} "
                       f"(e.g. 'webdataset:/data/cc12m/{{00000..01242}}.tar'), or a mixture "
                       f"'0.7*SPEC|0.3*SPEC'.")
-  if name != "synthetic" and not arg:
-    raise ConfigError(f"Data source {spec!r} needs a path or name after '{name}:'.")
-  return name, arg
+  if kind != "synthetic" and not arg:
+    raise ConfigError(f"Data source {spec!r} needs a path or name after '{kind}:'.")
+  options: dict[str, str] = {}
+  valid = options_of(kind)
+  for item in option_text.split("&") if option_text is not None else ():
+    name, _, value = item.partition("=")
+    if name not in valid:
+      takes = (f"{kind} takes: {', '.join(valid)}" if valid else f"{kind} takes no options")
+      glob_note = (" (the text after the last '?' reads as options; if it is part of the "
+                   "glob, write that '?' as a character class such as [0-9])"
+                   if kind in _GLOB_KINDS else "")
+      raise ConfigError(f"Unknown option {name!r} in data source {spec!r}; {takes}"
+                        f"{glob_note}. See docs/data.md.")
+    if name in options:
+      raise ConfigError(f"Option {name!r} is given twice in data source {spec!r}.")
+    if not value:
+      raise ConfigError(f"Option {name!r} in data source {spec!r} needs a value "
+                        f"({name}=...: {valid[name].help}).")
+    options[name] = value
+  return kind, arg, options
 
 
-def _opt(options: Mapping[str, Any] | None, key: str, default: Any) -> Any:
+def format_spec(kind: str, arg: str, options: Mapping[str, str] | None = None) -> str:
+  """The inverse of `parse_spec`."""
+  spec = f"{kind}:{arg}" if arg else kind
+  if options:
+    return spec + "?" + "&".join(f"{k}={v}" for k, v in options.items())
+  if _split_options(spec)[1] is not None:
+    # The ARG's own tail would read as options; it needs explicit options after it.
+    raise ValueError(f"{spec!r} would read as options; give at least one option.")
+  return spec
+
+
+def option_values(kind: str, given: Mapping[str, str], spec: str = "") -> dict[str, Any]:
+  """Every option of `kind`: the given ones parsed, the others at their defaults."""
+  out = {}
+  for name, option in options_of(kind).items():
+    text = given.get(name, option.default)
+    try:
+      out[name] = option.parse(text)
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"Option {name}={text!r} in data source {spec!r}: {e} "
+                        f"({option.help}).") from None
+  return out
+
+
+def _config_value(options: Mapping[str, Any] | None, key: str, default: Any) -> Any:
   if not options:
     return default
   value = options.get(key, default) if hasattr(options, "get") else default
   return default if value in (None, "") else value
+
+
+def _mixture(parts: list[tuple[float, str]],
+             open_part: Callable[[str, int], Any]) -> mixture.Mixture:
+  return mixture.Mixture([open_part(s, k) for k, (_, s) in enumerate(parts)],
+                         [w for w, _ in parts], names=[s for _, s in parts])
 
 
 def get_source(spec: str, split: str, image_size: int, seed: int,
@@ -55,44 +188,185 @@ def get_source(spec: str, split: str, image_size: int, seed: int,
   """A random-access source of raw records (see vljax.data.formats), or a Mixture.
 
   Args:
-    spec: the source string (see the module docstring).
+    spec: the source string (see the module docstring); field names are its options.
     split: 'train' or 'heldout' (selects the synthetic split and the default TFDS split).
     image_size: size of synthetic images.
     seed: seed of synthetic data.
-    options: config.data, for the feature keys (image_key, caption_key, label_key) and
-      tfds_data_dir.
+    options: config.data, for tfds_data_dir.
 
   Raises:
-    ConfigError: unknown prefix or a missing path/name.
+    ConfigError: unknown kind or option, a missing path/name, a named field or column the
+      data does not have.
     formats.EmptySourceError: the source yields nothing (naming the path).
   """
   if "|" in spec:
-    parts = mixture.split_spec(spec)
-    return mixture.Mixture(
-        [get_source(s, split, image_size, seed + k, options) for k, (_, s) in enumerate(parts)],
-        [w for w, _ in parts], names=[s for _, s in parts])
-  name, arg = _prefix(spec)
-  image_key = _opt(options, "image_key", "image")
-  caption_key = _opt(options, "caption_key", "caption")
-  label_key = _opt(options, "label_key", "label")
-  if name == "synthetic":
+    return _mixture(mixture.split_spec(spec),
+                    lambda s, k: get_source(s, split, image_size, seed + k, options))
+  kind, arg, given = parse_spec(spec)
+  values = option_values(kind, given, spec)
+  # A field the user named must exist; the default label field may be absent (label -1).
+  require_label = "label" in given
+  if kind == "synthetic":
     return synthetic.SyntheticImageText(split=split, image_size=image_size, seed=seed)
-  if name == "webdataset":
-    return formats.WebDataset(arg, caption_key=caption_key)
-  if name == "jsonl":
-    return formats.JsonLines(arg, image_key, caption_key, label_key)
-  if name == "csv":
-    return formats.Csv(arg, image_key, caption_key, label_key)
-  if name == "arrayrecord":
+  if kind == "webdataset":
+    return formats.WebDataset(arg, caption_key=values["caption"],
+                              prefer_json="caption" in given)
+  if kind in ("jsonl", "csv"):
+    reader = formats.JsonLines if kind == "jsonl" else formats.Csv
+    return reader(arg, values["image"], values["caption"], values["label"],
+                  require_label=require_label)
+  if kind == "arrayrecord":
     return formats.ArrayRecord(arg)
-  if name == "imagefolder":
+  if kind == "imagefolder":
     return formats.ImageFolder(arg)
   # tfds
   dataset, _, tfds_split = arg.partition(":")
-  data_dir = _opt(options, "tfds_data_dir", None) or os.environ.get("TFDS_DATA_DIR")
+  data_dir = _config_value(options, "tfds_data_dir", None) or os.environ.get("TFDS_DATA_DIR")
+  required = tuple(values[k] for k in ("caption", "label") if k in given)
   return formats.Tfds(dataset, tfds_split or _TFDS_SPLITS.get(split, split),
-                      image_key=image_key, text_key=caption_key, label_key=label_key,
-                      data_dir=data_dir)
+                      image_key=values["image"], text_key=values["caption"],
+                      label_key=values["label"], data_dir=data_dir, required=required)
+
+
+# ------------------------------------------------------------------ start-up checks
+
+
+def _one_line(text: str) -> str:
+  return " ".join(str(text).split("\n")).strip()
+
+
+def _lower_first(text: str) -> str:
+  # "No file matches" -> "no file matches", but "TFDS ..." stays.
+  if len(text) > 1 and text[0].isupper() and text[1].islower():
+    return text[0].lower() + text[1:]
+  return text
+
+
+def _probe_indices(n: int, probe: int) -> list[int]:
+  """The first few positions, then random ones: a bad head and a bad tail both show."""
+  first = min(n, max(1, probe // 2))
+  picks = list(range(first))
+  rest = min(probe - first, n - first)
+  if rest > 0:
+    rng = np.random.default_rng(_PROBE_SEED)
+    picks += sorted(int(i) + first for i in rng.choice(n - first, rest, replace=False))
+  return picks
+
+
+def _probe_failure(record: Mapping[str, Any], image_size: int,
+                   require_caption: bool) -> str | None:
+  """Why a raw record would be skipped, or None if it decodes."""
+  try:
+    if "error" in record:
+      raise preprocess.BadRecord(record["error"])
+    preprocess.decode_image(record.get("image"), image_size)
+    if require_caption and not preprocess.captions_list(record.get("caption"),
+                                                        preprocess.TextOptions()):
+      raise preprocess.BadRecord(f"no usable caption (got {record.get('caption')!r:.60})")
+  except Exception as e:  # pylint: disable=broad-except
+    # Whatever a reader or the decoder raises is this record's reason.
+    return str(e) if isinstance(e, preprocess.BadRecord) else f"{type(e).__name__}: {e}"
+  return None
+
+
+def _check_one(spec: str, config_key: str, where: str, split: str, image_size: int,
+               seed: int, options: Mapping[str, Any] | None, require_caption: bool,
+               probe: int) -> Any:
+  try:
+    source = get_source(spec, split, image_size, seed, options)
+  except formats.EmptySourceError as e:
+    raise formats.EmptySourceError(
+        f"{where}: {_lower_first(_one_line(e))} Fix: point {config_key} at an existing, "
+        f"non-empty source (relative paths are resolved from {os.getcwd()}).") from e
+  except ConfigError as e:
+    raise ConfigError(f"{where}: {_lower_first(_one_line(e))}") from e
+  except OSError as e:
+    raise ConfigError(f"{where}: cannot read it ({type(e).__name__}: {_one_line(e)}). Fix: "
+                      f"point {config_key} at a readable source.") from e
+  if probe <= 0:
+    return source
+  safe = formats.SafeSource(source)
+  picks = _probe_indices(len(source), probe)
+  failures = []
+  for i in picks:
+    record = safe[i]
+    reason = _probe_failure(record, image_size, require_caption)
+    if reason is not None:
+      failures.append((str(record.get("key", i)), _one_line(reason)))
+  if len(failures) == len(picks):
+    key, reason = failures[0]
+    kind = parse_spec(spec)[0]
+    fields = ", ".join(f"?{n}=" for n in options_of(kind))
+    paths = (" (relative to the folder of the file)" if kind in ("jsonl", "csv") else "")
+    raise ConfigError(
+        f"{where}: no usable record among the {len(picks)} read at start-up; the first, "
+        f"{key}, failed with: {reason}. Fix: check that the files are intact and the image "
+        f"paths exist{paths}" + (f", and that the spec's field options ({fields}) name the "
+                                 f"right fields (docs/data.md)." if fields else "."))
+  if failures:
+    logging.warning("%s: %d of %d records read at start-up are unusable (they will be "
+                    "skipped), e.g. %s: %s", where, len(failures), len(picks), *failures[0])
+  return source
+
+
+def check_source(spec: str, config_key: str, split: str, image_size: int, seed: int,
+                 options: Mapping[str, Any] | None = None, require_caption: bool = True,
+                 probe: int = 16) -> Any:
+  """Opens a source and decodes a sample of it; returns the opened source (or Mixture).
+
+  Meant to run before anything is compiled, so that a wrong path or field name fails at once.
+
+  Args:
+    spec, split, image_size, seed, options: as for `get_source`.
+    config_key: the config key that named `spec` (e.g. 'config.data.eval_retrieval'); every
+      error message starts with it.
+    require_caption: a record without a usable caption counts as failing (False for
+      zero-shot sources such as imagefolder).
+    probe: how many records to read and decode (the first half of them from the start, the
+      rest from random positions drawn with a fixed seed); 0 = only open.
+
+  Raises:
+    ConfigError (formats.EmptySourceError when nothing was found): one line starting
+      "{config_key}={spec!r}: " that names the problem and the fix, when the source cannot be
+      opened or when every probed record fails (naming the first failure). A mixture is
+      checked component by component.
+  """
+  where = f"{config_key}={spec!r}"
+  check = lambda s, k, w: _check_one(s, config_key, w, split, image_size, seed + k, options,
+                                     require_caption, probe)
+  if "|" in spec:
+    try:
+      parts = mixture.split_spec(spec)
+    except ConfigError as e:
+      raise ConfigError(f"{where}: {_lower_first(_one_line(e))}") from e
+    return _mixture(parts, lambda s, k: check(s, k, f"{where}, component {s!r}"))
+  return check(spec, 0, where)
+
+
+def check_config_sources(data_config: Mapping[str, Any], train: bool = True,
+                         evaluate: bool = True) -> dict[str, Any]:
+  """Checks config.data.train and the eval sources it names; {config key: opened source}.
+
+  Zero-shot sources (eval_zeroshot, and an `eval` of kind imagefolder or tfds, which may be a
+  classification set) are checked without requiring captions.
+  """
+  get = lambda k: _config_value(data_config, k, "")
+  wanted = []  # (key under config.data, split, require_caption)
+  if train and get("train"):
+    wanted.append(("train", "train", True))
+  if evaluate:
+    eval_spec = get("eval")
+    if eval_spec and not (get("eval_zeroshot") or get("eval_retrieval")):
+      kind = eval_spec.split(":", 1)[0].split("?", 1)[0]
+      wanted.append(("eval", "heldout", kind not in ("imagefolder", "tfds")))
+    wanted += [(k, "heldout", k == "eval_retrieval")
+               for k in ("eval_zeroshot", "eval_retrieval") if get(k)]
+  out = {}
+  for key, split, caption in wanted:
+    out[f"config.data.{key}"] = check_source(
+        get(key), f"config.data.{key}", split, int(get("image_size") or 224),
+        int(get("seed") or 0), data_config, require_caption=caption)
+  return out
 
 
 def class_prompts(spec: str, source: Any = None,
@@ -102,8 +376,8 @@ def class_prompts(spec: str, source: Any = None,
   The synthetic data has its own prompts; imagefolder takes class names from folder names,
   tfds from its label feature; `templates` ('{}' = class name) default to DEFAULT_TEMPLATES.
   """
-  name, _ = _prefix(spec)
-  if name == "synthetic":
+  kind, _, _ = parse_spec(spec)
+  if kind == "synthetic":
     return synthetic.class_prompts()
   names = None
   if isinstance(source, formats.ImageFolder):

@@ -1,11 +1,16 @@
 """Evaluations over a sharded model, chosen by what the objective can do.
 
 Eval sets (vljax.data.evalsets.load_eval_sets) are a dict with any of
-  'zeroshot':  {'image': [N,H,W,3] float32, 'label': [N] int, 'class_prompts': [[str]] per class}
-  'retrieval': {'image': [N,H,W,3] float32, 'captions': [str] (M), 'caption_image': [M] int}
+  'zeroshot':  {'image': [N,H,W,3], 'label': [N] int, 'class_prompts': [[str]] per class}
+  'retrieval': {'image': [N,H,W,3], 'captions': [str] (M), 'caption_image': [M] int or None}
+Images are uint8 (normalised per batch with the set's 'image_options', default [-1, 1]) or
+already-normalised float32. A set may also carry 'spec' (the source string it came from) and
+'skipped' (bad records left out while loading).
+
 Objectives with embed_images/embed_texts get zero-shot top-1 and retrieval recall@{1,5,10};
 objectives with generate(params, images, max_len) get captioning CIDEr-D and BLEU-4 on the
-retrieval set's images against its captions.
+retrieval set's images against its captions. Every evaluation also reports what it scored
+(eval/zeroshot_examples, eval/retrieval_images, ...; docs/evaluation.md).
 """
 from __future__ import annotations
 
@@ -32,36 +37,51 @@ class ContrastiveEvaluator:
     self._embed_images = jax.jit(objective.embed_images)
     self._embed_texts = jax.jit(objective.embed_texts)
     self._prompt_tokens = self._captions = None
+    self._counts: dict[str, float] = {}
     if "zeroshot" in eval_sets:
       prompts = eval_sets["zeroshot"]["class_prompts"]
       if len({len(p) for p in prompts}) != 1:
         raise ConfigError("Every zero-shot class needs the same number of prompt templates.")
       self.num_classes = len(prompts)
       self._prompt_tokens = tokenizer.encode([p for ps in prompts for p in ps], max_len)
+      data = eval_sets["zeroshot"]
+      # Classes with at least one scored image: a truncated set shows up as missing classes.
+      self._counts.update({"eval/zeroshot_examples": float(len(data["image"])),
+                           "eval/zeroshot_classes": float(len(np.unique(data["label"])))})
     if "retrieval" in eval_sets:
-      self._captions = tokenizer.encode(eval_sets["retrieval"]["captions"], max_len)
+      data = eval_sets["retrieval"]
+      self._captions = tokenizer.encode(data["captions"], max_len)
+      caption_image = retrieval.check_caption_image(data["caption_image"], len(data["image"]),
+                                                    len(data["captions"]))
+      duplicates = retrieval.duplicate_captions(
+          caption_image, retrieval.caption_text_ids(data["captions"]))
+      self._counts.update({"eval/retrieval_images": float(len(data["image"])),
+                           "eval/retrieval_captions": float(len(data["captions"])),
+                           "eval/retrieval_duplicate_captions": float(duplicates)})
 
-  def _embed(self, fn: Callable, params: Any, inputs: np.ndarray, cache: dict) -> jax.Array:
+  def _embed(self, params: Any, data: dict[str, Any], cache: dict) -> jax.Array:
     # Zero-shot and retrieval often share their images: embed each array once.
-    if id(inputs) not in cache:
-      cache[id(inputs)] = common.embed_all(fn, params, inputs, self.mesh, self.batch_size)
-    return cache[id(inputs)]
+    if id(data["image"]) not in cache:
+      cache[id(data["image"])] = common.embed_images(self._embed_images, params, data,
+                                                     self.mesh, self.batch_size)
+    return cache[id(data["image"])]
 
   def __call__(self, params: Any) -> dict[str, float]:
-    metrics, cache = {}, {}
+    metrics, cache = dict(self._counts), {}
     if self._prompt_tokens is not None:
       data = self.sets["zeroshot"]
-      zimg = self._embed(self._embed_images, params, data["image"], cache)
+      zimg = self._embed(params, data, cache)
       zprompt = common.embed_all(self._embed_texts, params, self._prompt_tokens, self.mesh,
                                  self.batch_size)
       zcls = zeroshot.class_embeddings(zprompt, self.num_classes)
       metrics["eval/zeroshot_top1"] = zeroshot.top1(zimg, zcls, data["label"])
     if self._captions is not None:
       data = self.sets["retrieval"]
-      zimg = self._embed(self._embed_images, params, data["image"], cache)
+      zimg = self._embed(params, data, cache)
       ztxt = common.embed_all(self._embed_texts, params, self._captions, self.mesh,
                               self.batch_size)
-      metrics.update(retrieval.recall_metrics(zimg, ztxt, data["caption_image"], self.mesh))
+      metrics.update(retrieval.recall_metrics(zimg, ztxt, data["caption_image"], self.mesh,
+                                              captions=data["captions"]))
     return metrics
 
 
@@ -77,6 +97,7 @@ class CaptioningEvaluator:
                mesh: Mesh, batch_size: int):
     data = eval_sets["retrieval"]
     self.images = data["image"]
+    self._prepare = common.image_prepare(data)
     owner = data["caption_image"]
     if owner is None:
       owner = range(len(data["captions"]))
@@ -91,24 +112,38 @@ class CaptioningEvaluator:
 
   def __call__(self, params: Any) -> dict[str, float]:
     from vljax.evals import captioning  # pylint: disable=g-import-not-at-top
-    tokens = common.embed_all(self._generate, params, self.images, self.mesh, self.batch_size)
+    tokens = common.embed_all(self._generate, params, self.images, self.mesh, self.batch_size,
+                              self._prepare)
     # Every process scores the whole set: gather the batch-sharded tokens to each host.
     tokens = multihost_utils.process_allgather(tokens, tiled=True)
     self.last_captions = self.tokenizer.decode_batch(np.asarray(tokens))
     scores = captioning.compute_scores(self.references, self.last_captions)
-    return {"eval/cider": float(scores["cider"]), "eval/bleu4": float(scores["bleu4"])}
+    return {"eval/cider": float(scores["cider"]), "eval/bleu4": float(scores["bleu4"]),
+            "eval/captioning_examples": float(len(self.images))}
 
 
 class Evaluator:
-  """Runs every evaluation that applies to the objective, under the mesh and axis rules."""
+  """Runs every evaluation that applies to the objective, under the mesh and axis rules.
 
-  def __init__(self, parts: list[Callable[[Any], dict[str, float]]], mesh: Mesh, rules):
+  Attributes:
+    parts: the evaluations, each params -> metrics.
+    sources: {'zeroshot': SPEC, 'retrieval': SPEC} for the sets the parts score: the source
+      string each set was read from ('' for a set built in code).
+  """
+
+  def __init__(self, parts: list[Callable[[Any], dict[str, float]]], mesh: Mesh, rules,
+               sets: dict[str, Any] | None = None):
     self.parts = parts
     self.mesh = mesh
     self.rules = rules
+    sets = sets or {}
+    self.sources = {name: str(data.get("spec") or "") for name, data in sets.items()}
+    # Bad records are reported per scored set; a set built in code has no count.
+    self._skipped = {f"eval/{name}_skipped": float(data["skipped"])
+                     for name, data in sets.items() if data.get("skipped") is not None}
 
   def __call__(self, params: Any) -> dict[str, float]:
-    metrics = {}
+    metrics = dict(self._skipped)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       for part in self.parts:
         metrics.update(part(params))
@@ -118,14 +153,16 @@ class Evaluator:
 def build_evaluator(config, objective, eval_sets: dict[str, Any], tokenizer, mesh: Mesh,
                     rules) -> Evaluator:
   """The evaluations that fit `objective`: contrastive heads, captioning."""
-  parts = []
+  parts, scored = [], set()
   if hasattr(objective, "embed_images") and hasattr(objective, "embed_texts"):
     parts.append(ContrastiveEvaluator(objective, eval_sets, tokenizer, config.data.max_len,
                                       mesh, config.eval.batch_size))
+    scored.update(eval_sets)
   if hasattr(objective, "generate") and "retrieval" in eval_sets:
+    scored.add("retrieval")
     decode_len = config.eval.get("decode_len", -1)
     if decode_len is None or decode_len < 0:
       decode_len = config.data.max_len
     parts.append(CaptioningEvaluator(objective, eval_sets, tokenizer, decode_len, mesh,
                                      config.eval.batch_size))
-  return Evaluator(parts, mesh, rules)
+  return Evaluator(parts, mesh, rules, {name: eval_sets[name] for name in sorted(scored)})

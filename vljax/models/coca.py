@@ -243,7 +243,8 @@ class CoCa(nn.Module):
     if self.bias_init is not None:
       self.b = layers.scalar_param(self, "b", float(self.bias_init), self.param_dtype)
 
-  def _scalars(self) -> dict[str, Array]:
+  def logit_scalars(self) -> dict[str, Array]:
+    """{'scale': exp(t)} and, with a sigmoid bias, {'bias': b}."""
     out = {"scale": jnp.exp(self.t.astype(jnp.float32))}
     if self.bias_init is not None:
       out["bias"] = self.b.astype(jnp.float32)
@@ -258,7 +259,7 @@ class CoCa(nn.Module):
     zimg, context = self.img(images, train)
     ztxt, logits = self.txt(tokens, context, train)
     return {"zimg": two_towers.l2_normalize(zimg), "ztxt": two_towers.l2_normalize(ztxt),
-            "logits": logits, **self._scalars()}
+            "logits": logits, **self.logit_scalars()}
 
   def embed_images(self, images: Array) -> Array:
     return two_towers.l2_normalize(self.img(images)[0])

@@ -78,6 +78,12 @@ class CocaObjective:
   def embed_texts(self, params: Any, texts: jax.Array) -> jax.Array:
     return self.model.apply({"params": params}, texts, method=coca.CoCa.embed_texts)
 
+  def logit_scalars(self, params: Any) -> dict[str, jax.Array]:
+    """The contrastive logit 'scale' (as the loss uses it) and, for sigmoid, 'bias'."""
+    scalars = self.model.apply({"params": params}, method=coca.CoCa.logit_scalars)
+    scalars["scale"] = contrastive.capped_scale(self.loss_cfg, scalars["scale"])
+    return scalars
+
   # Decoding. Every function below is pure and jit-able; `generate` is what evaluation calls.
 
   def _mask_pad(self, logits: jax.Array) -> jax.Array:

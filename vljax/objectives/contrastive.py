@@ -33,13 +33,18 @@ def model_kwargs(config: ml_collections.ConfigDict, tokenizer) -> dict[str, Any]
   return kwargs
 
 
+def capped_scale(loss_cfg: ml_collections.ConfigDict, scale: jax.Array) -> jax.Array:
+  """The logit scale the loss uses: CLIP caps the learned scale at 100 to keep training stable."""
+  if loss_cfg.get("max_scale") is not None:
+    return jnp.minimum(scale, loss_cfg.max_scale)
+  return scale
+
+
 def contrastive_loss(loss_cfg: ml_collections.ConfigDict, zimg: jax.Array, ztxt: jax.Array,
                      scale: jax.Array, bias: jax.Array | None
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The configured softmax or sigmoid loss, and the scale/bias metrics it used."""
-  if loss_cfg.get("max_scale") is not None:
-    # CLIP caps the logit scale at 100 to keep training stable.
-    scale = jnp.minimum(scale, loss_cfg.max_scale)
+  scale = capped_scale(loss_cfg, scale)
   metrics = {"scale": scale}
   if loss_cfg.kind == "sigmoid":
     bias = jnp.zeros((), jnp.float32) if bias is None else bias

@@ -32,3 +32,11 @@ class TwoTowersObjective:
 
   def embed_texts(self, params: Any, texts: jax.Array) -> jax.Array:
     return self.model.apply({"params": params}, None, texts)[1]
+
+  def logit_scalars(self, params: Any) -> dict[str, jax.Array]:
+    """The contrastive logit 'scale' (as the loss uses it) and, for sigmoid, 'bias'."""
+    out = self.model.apply({"params": params}, None, None)[2]
+    scalars = {"scale": contrastive.capped_scale(self.loss_cfg, out["scale"])}
+    if "bias" in out:
+      scalars["bias"] = out["bias"]
+    return scalars
