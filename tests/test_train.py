@@ -304,3 +304,57 @@ def test_value_and_trainable_grad_matches_the_full_gradient():
   np.testing.assert_allclose(grads["t"], ref["t"], rtol=1e-6)
   assert not np.any(grads["img"]["w"]) and not np.any(grads["img"]["b"])
   assert np.any(ref["img"]["w"])  # the frozen part does have a gradient in the full problem
+
+
+def test_workdir_carries_its_config_and_tokenizer(tmp_path):
+  from vljax import predict  # pylint: disable=g-import-not-at-top
+  from vljax.data import demo_files, evalsets  # pylint: disable=g-import-not-at-top
+  from vljax.evals import common  # pylint: disable=g-import-not-at-top
+  specs = demo_files.write(str(tmp_path / "files"), num_train=64, num_val=12, per_class=2,
+                           image_size=40)
+  tok_path = str(tmp_path / "tok.model")
+  with open(tokenizer_lib.train_synthetic_tokenizer(), "rb") as f, open(tok_path, "wb") as g:
+    g.write(f.read())
+  # Non-default evaluation preprocessing, which prediction must reproduce exactly.
+  config = tiny_config("siglip", "eval.every_steps=0", f"data.train={specs['train']}",
+                       f"data.eval_zeroshot={specs['zeroshot']}",
+                       f"data.eval_retrieval={specs['retrieval']}", f"tokenizer.path={tok_path}",
+                       "data.resize=crop", "data.mean=[0.5,0.4,0.3]", "data.std=[0.2,0.25,0.3]")
+  workdir = str(tmp_path / "run")
+  final = train.run(config, workdir)
+  assert final["eval/zeroshot_examples"] == 40 and final["eval/zeroshot_classes"] == 20
+  assert final["eval/retrieval_images"] == 12
+  os.remove(tok_path)  # the workdir keeps its own copy
+
+  rows = metrics.read_metrics(workdir)
+  proc = subprocess.run([sys.executable, "-m", "vljax.evaluate", f"--workdir={workdir}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert metrics.read_metrics(workdir) == rows  # a re-evaluation is not a training row
+  with open(os.path.join(workdir, "evaluations.jsonl")) as f:
+    record = json.loads(f.readlines()[-1])
+  assert record["checkpoint_step"] == 4
+  assert record["sources"] == {"zeroshot": specs["zeroshot"], "retrieval": specs["retrieval"]}
+  for key in ("eval/zeroshot_top1", "eval/i2t_recall@5", "eval/zeroshot_examples"):
+    assert record[key] == pytest.approx(final[key], abs=1e-6), key
+
+  # Another tokenizer for the same workdir is refused; the saved one is used without a path.
+  other = configlib.apply_overrides(
+      configlib.load_run_config(workdir),
+      [f"tokenizer.path={tokenizer_lib.train_synthetic_tokenizer(str(tmp_path / 'c'), 200)}"])
+  with pytest.raises(configlib.ConfigError, match="differs from the tokenizer this workdir"):
+    train.run_tokenizer(other, workdir)
+
+  # Prediction: the run's own eval preprocessing (crop + mean/std) and tokenizer.
+  predictor = predict.load(workdir)
+  zs = evalsets.zeroshot_set(config.data, specs["zeroshot"], predictor.tokenizer)
+  folder = specs["zeroshot"].partition(":")[2]
+  paths = [os.path.join(folder, rel) for rel in sorted(
+      os.path.join(c, n) for c in os.listdir(folder) for n in os.listdir(os.path.join(folder, c)))]
+  np.testing.assert_array_equal(predictor.load_images(paths[:3]),
+                                common.image_prepare(zs)(zs["image"][:3]))
+  results = predictor.predict(paths[:2], ["red circle", "blue square"])
+  assert all(len(r["labels"]) == 2 for r in results)
+  # An export directory loads the same way and predicts the same.
+  exported = predict.load(os.path.join(workdir, "export"))
+  assert exported.predict(paths[:2], ["red circle", "blue square"]) == results

@@ -63,15 +63,16 @@ class Predictor:
   def load_images(self, paths: Sequence[str]):
     """float32 [N, S, S, 3]: the files decoded and preprocessed as the run's evaluation does."""
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from vljax.data import preprocess  # pylint: disable=g-import-not-at-top
+    from vljax.data import pipeline, preprocess  # pylint: disable=g-import-not-at-top
     data = self.config.data
-    options = preprocess.image_options_from_config(data, data.image_size, train=False)
-    images = []
+    options = pipeline.eval_image_options(
+        data.image_size, preprocess.image_options_from_config(data, data.image_size,
+                                                              train=False))
+    pixels = []
     for path in paths:
       with open(path, "rb") as f:
-        image = preprocess.decode_image(f.read())
-      images.append(preprocess.process_image(image, options))
-    return np.stack(images)
+        pixels.append(pipeline.eval_pixels(f.read(), options))
+    return preprocess.normalize(np.stack(pixels), options)
 
   def _batched(self, fn, inputs):
     import jax  # pylint: disable=g-import-not-at-top

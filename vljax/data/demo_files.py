@@ -48,7 +48,7 @@ def write(out: str, num_train: int = 4096, num_val: int = 256, per_class: int = 
   os.makedirs(out, exist_ok=True)
   train = synthetic.SyntheticImageText("train", image_size, num_examples=num_train, seed=seed)
   heldout = synthetic.SyntheticImageText("heldout", image_size,
-                                         num_examples=num_val + per_class * 40, seed=seed)
+                                         num_examples=num_val + per_class * 200, seed=seed)
   os.makedirs(os.path.join(out, "train"), exist_ok=True)
   num_shards = max(1, -(-num_train // RECORDS_PER_SHARD))
   for shard in range(num_shards):

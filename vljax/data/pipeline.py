@@ -405,9 +405,7 @@ def _read_eval_example(safe: formats.SafeSource, index: int,
     caps = preprocess.captions_list(record.get('caption'), text_opts)
     if not caps and require_caption:
       raise preprocess.BadRecord('no usable caption')
-    # The eval options are never random, so a reduced-scale JPEG decode is safe.
-    image = preprocess.decode_image(record.get('image'), image_opts.size)
-    pixels, _ = preprocess.augment_image(image, image_opts)
+    pixels = eval_pixels(record.get('image'), image_opts)
     image_id = record.get('image_id', record.get('key', index))
     return _EvalExample(key=key, pixels=pixels,
                         label=int(record.get('label', -1)), captions=caps,
@@ -417,9 +415,20 @@ def _read_eval_example(safe: formats.SafeSource, index: int,
     return _EvalExample(key=key, error=str(e))
 
 
-def _eval_image_options(image_size: int,
-                        image_options: preprocess.ImageOptions | None
-                        ) -> preprocess.ImageOptions:
+def eval_pixels(image: Any, opts: preprocess.ImageOptions) -> np.ndarray:
+  """One image (encoded bytes or uint8) decoded and resized as evaluation does: uint8 [S, S, 3].
+
+  `opts` are eval options (eval_image_options); normalise with preprocess.normalize. Prediction
+  uses this too, so it sees exactly the pixels evaluation sees.
+  """
+  # The eval options are never random, so a reduced-scale JPEG decode is safe.
+  pixels, _ = preprocess.augment_image(preprocess.decode_image(image, opts.size), opts)
+  return pixels
+
+
+def eval_image_options(image_size: int,
+                       image_options: preprocess.ImageOptions | None
+                       ) -> preprocess.ImageOptions:
   """The deterministic part of the options: evaluation never augments."""
   opts = _image_options(image_size, None, image_options)
   if opts.random:
@@ -484,7 +493,7 @@ def load_eval_data(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
   if wanted <= 0:
     raise ValueError(f'num_examples={num_examples} with {len(indices)} record '
                      f'index(es) selects no examples.')
-  image_opts = _eval_image_options(image_size, image_options)
+  image_opts = eval_image_options(image_size, image_options)
   text_opts = text_options or preprocess.TextOptions()
   threads = (_default_decode_threads() if num_threads is None
              else int(num_threads))
