@@ -7,8 +7,8 @@ from vljax import configlib
 # trains on a 2-core CPU in a few minutes; 'tiny' compiles in seconds for tests.
 SMALL_TWO_TOWERS = {
     "laptop": dict(image_size=32, patch=8, width=128, depth=4, mlp_dim=512, heads=4,
-                   max_len=24, embed_dim=128, batch_size=128, total_steps=600,
-                   warmup_steps=100, lr=1e-3, log_every=50, eval_every=300, ckpt_every=300),
+                   max_len=24, embed_dim=128, batch_size=128, total_steps=900,
+                   warmup_steps=100, lr=1e-3, log_every=50, eval_every=450, ckpt_every=450),
     "tiny": dict(image_size=16, patch=8, width=32, depth=1, mlp_dim=64, heads=2, max_len=8,
                  embed_dim=32, batch_size=16, total_steps=4, warmup_steps=1, lr=1e-3,
                  log_every=1, eval_every=-1, ckpt_every=2),
