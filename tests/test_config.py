@@ -92,6 +92,8 @@ def test_cli_reports_config_errors_before_compiling(tmp_path):
         f"--config.tokenizer.path={tokenizer_lib.train_synthetic_tokenizer()}"],
        f"config.data.train='jsonl:{tmp_path}/train.jsonl'"),  # its one image is missing
       (["--config.optim.freeze=['^img/']"], "config.init.path is empty"),
+      ([f"--config.tokenizer.path={tmp_path}/none.model"],
+       f"config.tokenizer.path='{tmp_path}/none.model': no such file"),
   ]
   for extra, expected in cases:
     workdir = tmp_path / "run"

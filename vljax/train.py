@@ -293,6 +293,9 @@ def run_tokenizer(config: ml_collections.ConfigDict, directory: str | None = Non
   saved = tokenizer_lib.load_from_dir(directory) if directory else None
   path = config.tokenizer.path
   if saved is None:
+    if path and not os.path.exists(path):
+      raise ConfigError(f"config.tokenizer.path={path!r}: no such file. Name a sentencepiece "
+                        f".model file (docs/tokenizer.md).")
     return tokenizer_lib.get_tokenizer(path or None)
   if path and os.path.exists(path):
     with open(path, "rb") as f:
