@@ -363,7 +363,7 @@ class PreemptionNotice:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _restore_or_init(config, setup: Setup, checkpointer, iterator, workdir: str):
+def _restore_or_init(config, setup: Setup, checkpointer, iterator):
   """(start step, state): the latest checkpoint, else a fresh state (with config.init loaded)."""
   restored = checkpointer.restore(setup.abstract_state,
                                   on_error=config.checkpoint.get("on_restore_error", "stop"))
@@ -386,8 +386,6 @@ def _restore_or_init(config, setup: Setup, checkpointer, iterator, workdir: str)
           f"config.optim.freeze locks {len(unloaded_frozen)} parameters that config.init does "
           f"not load (e.g. {unloaded_frozen[0]!r}): they would stay at their random "
           f"initialisation. Extend config.init.mapping or narrow config.optim.freeze.")
-    logging.info("Loaded %d parameters from %s.", len(loaded), config.init.path)
-  del workdir
   return 0, state
 
 
@@ -413,7 +411,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint.every_steps,
                                        config.checkpoint.keep, config.checkpoint.async_save)
   iterator = make_iterator(config, source, tokenizer)
-  start_step, state = _restore_or_init(config, setup, checkpointer, iterator, workdir)
+  start_step, state = _restore_or_init(config, setup, checkpointer, iterator)
   writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard,
                                     resumed_from=start_step if start_step else None)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
