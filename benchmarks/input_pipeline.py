@@ -5,9 +5,9 @@ directory, converts them to ArrayRecord with vljax.data.convert, then times
 `vljax.data.pipeline.make_train_iterator` (decode, resize, normalise,
 tokenise, batch) for each source and worker count, and prints images/s in
 total and per worker process. The last column compares with the train step
-of the small default SigLIP (README.md: 0.34 s/step at batch 128, i.e. about
-375 examples/s on the 2-core reference machine; that model trains on 32 px
-images, hence the 32 px rows).
+of the small default SigLIP (README.md: 0.20 s/step at batch 128, i.e. about
+640 examples/s on the quiet 2-core reference machine; that model trains on
+32 px images, hence the 32 px rows).
 
 Usage: python benchmarks/input_pipeline.py [--num_images 512] [--workers 0,1,2]
                                             [--image_sizes 224,32] [--batches 30]
@@ -30,7 +30,7 @@ from vljax.data import sources
 from vljax.data import tokenizer as tokenizer_lib
 
 # README.md, "What the default run does, measured".
-TRAIN_STEP_EXAMPLES_PER_S = 375.0
+TRAIN_STEP_EXAMPLES_PER_S = 640.0
 
 
 def write_shards(root: str, num_images: int, per_shard: int, width: int,
