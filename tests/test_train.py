@@ -358,3 +358,23 @@ def test_workdir_carries_its_config_and_tokenizer(tmp_path):
   # An export directory loads the same way and predicts the same.
   exported = predict.load(os.path.join(workdir, "export"))
   assert exported.predict(paths[:2], ["red circle", "blue square"]) == results
+
+
+def test_dry_run_writes_the_compiled_cost_and_trains_nothing(tmp_path):
+  reports = {}
+  for name, mesh in (("data", ("mesh.data=8", "mesh.fsdp=1")),
+                     ("fsdp", ("mesh.data=1", "mesh.fsdp=8"))):
+    workdir = str(tmp_path / name)
+    config = tiny_config("siglip", *mesh)
+    reports[name] = train.dry_run(config, workdir, vocab_size=1000)
+    with open(os.path.join(workdir, "compile.json")) as f:
+      assert json.load(f) == json.loads(json.dumps(reports[name]))
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+    assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+  data, fsdp = reports["data"], reports["fsdp"]
+  assert data["devices"] == 8 and data["per_device_batch"] == 2 and data["vocab_size"] == 1000
+  assert data["parameters"] == fsdp["parameters"] > 1000 * 32  # the stand-in embedding counts
+  assert data["flops"] > 0 and data["temp_bytes"] > 0
+  # FSDP splits the parameters and Adam moments 8 ways: the step's arguments shrink (the small
+  # replicated leaves and the batch shard keep it above exactly 1/8).
+  assert fsdp["argument_bytes"] < 0.4 * data["argument_bytes"]

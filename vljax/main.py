@@ -16,6 +16,12 @@ COORDINATOR = flags.DEFINE_string(
     "hand (see launch/). TPU pods and SLURM jobs are detected without it.")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, n).")
+DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Build and compile the train step for the configured mesh, write "
+    "WORKDIR/compile.json (per-device memory, FLOPs, compile time) and exit without training.")
+DRY_RUN_VOCAB = flags.DEFINE_integer(
+    "dry_run_vocab_size", None, "With --dry_run: size the text embedding for this many pieces "
+    "without a tokenizer file (e.g. 32000 for the paper recipes).")
 
 
 def init_distributed() -> None:
@@ -119,7 +125,10 @@ def run_app(main_fn, config_from_workdir: bool = False, log_name: str = "log") -
 
 def _train(config, workdir):
   from vljax import train  # pylint: disable=g-import-not-at-top  (jax after flags)
-  train.run(config, workdir)
+  if DRY_RUN.value:
+    train.dry_run(config, workdir, DRY_RUN_VOCAB.value)
+  else:
+    train.run(config, workdir)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ the optimizer, metrics, checkpoints and evaluation, and never knows which family
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -219,9 +220,23 @@ def make_train_step(setup: Setup, nan_policy: str = "stop") -> Callable:
                  out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
 
 
+@dataclasses.dataclass
+class StepCost:
+  """What XLA says one compiled train step costs, per device."""
+  compile_seconds: float
+  argument_bytes: int | None = None  # the donated state and the batch shard
+  output_bytes: int | None = None
+  temp_bytes: int | None = None  # activations and other temporaries
+  generated_code_bytes: int | None = None
+  flops: float | None = None  # per device, XLA cost analysis (counts a loop body once)
+
+
 def compile_step(setup: Setup, step_fn: Callable, batch_size: int, image_size: int,
                  max_len: int):
-  """Compiles the step ahead of the loop and logs XLA's memory analysis."""
+  """Compiles the step ahead of the loop and logs XLA's memory analysis.
+
+  Returns (compiled step, StepCost).
+  """
   batch = {
       "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32),
       "text": jax.ShapeDtypeStruct((batch_size, max_len), jnp.int32),
@@ -231,30 +246,94 @@ def compile_step(setup: Setup, step_fn: Callable, batch_size: int, image_size: i
   start = time.time()
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
     compiled = step_fn.lower(setup.abstract_state, batch, rng).compile()
-  logging.info("Compiled the train step in %.1f s.", time.time() - start)
+  cost = StepCost(compile_seconds=time.time() - start)
+  logging.info("Compiled the train step in %.1f s.", cost.compile_seconds)
   memory = compiled.memory_analysis()
   if memory is not None:
+    cost.argument_bytes = int(memory.argument_size_in_bytes)
+    cost.output_bytes = int(memory.output_size_in_bytes)
+    cost.temp_bytes = int(memory.temp_size_in_bytes)
+    cost.generated_code_bytes = int(memory.generated_code_size_in_bytes)
     mib = lambda b: b / 2**20
     logging.info("Train step memory per device: arguments %.1f MiB, outputs %.1f MiB, "
                  "temporaries %.1f MiB, generated code %.1f MiB.",
-                 mib(memory.argument_size_in_bytes), mib(memory.output_size_in_bytes),
-                 mib(memory.temp_size_in_bytes), mib(memory.generated_code_size_in_bytes))
-  flops = None
+                 mib(cost.argument_bytes), mib(cost.output_bytes), mib(cost.temp_bytes),
+                 mib(cost.generated_code_bytes))
   try:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0)) or None
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+    cost.flops = float(analysis.get("flops", 0.0)) or None
   except Exception:  # cost analysis is best-effort and backend-dependent
     pass
-  return compiled, flops
+  return compiled, cost
 
 
 def compiled_step_flops(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh) -> float | None:
   """XLA's cost-analysis FLOPs of `config`'s compiled train step on `mesh` (nothing runs)."""
   setup = build(config, tokenizer, mesh, epoch_size=None)
-  _, flops = compile_step(setup, make_train_step(setup), config.batch_size,
-                          config.data.image_size, config.data.max_len)
-  return flops
+  _, cost = compile_step(setup, make_train_step(setup), config.batch_size,
+                         config.data.image_size, config.data.max_len)
+  return cost.flops
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabularyStandIn:
+  """Stands in for a tokenizer of `vocab_size` pieces where only its size matters (dry runs)."""
+  vocab_size: int
+  pad_id: int = tokenizer_lib.PAD_ID
+  eos_id: int = tokenizer_lib.EOS_ID
+  model_path: str = "(stand-in vocabulary)"
+
+
+def dry_run(config: ml_collections.ConfigDict, workdir: str,
+            vocab_size: int | None = None) -> dict[str, Any]:
+  """Builds and compiles `config`'s train step for its mesh, writes WORKDIR/compile.json, and
+  trains nothing. Returns what it wrote.
+
+  The mesh is the configured one over the devices present, so the per-device memory of a pod
+  recipe can be read on a CPU with fake devices
+  (XLA_FLAGS=--xla_force_host_platform_device_count=N). No data is read: a duration in epochs
+  is not resolved (the step's cost does not depend on it). `vocab_size` sizes the text
+  embedding without a tokenizer file (e.g. 32000 for the paper recipes).
+  """
+  validate(config, jax.device_count(), jax.process_count())
+  mesh = sharding.make_mesh(config.mesh)
+  tokenizer = (VocabularyStandIn(vocab_size) if vocab_size
+               else run_tokenizer(config, workdir))
+  if config.get("total_epochs") is not None:
+    config = configlib.apply_overrides(config.copy_and_resolve_references(), ["total_steps=1"])
+  if config.optim.get("warmup_epochs") is not None:
+    config = configlib.apply_overrides(config.copy_and_resolve_references(),
+                                       ["optim.warmup_steps=0"])
+  setup = build(config, tokenizer, mesh, epoch_size=None)
+  _, cost = compile_step(setup, make_train_step(setup), config.batch_size,
+                         config.data.image_size, config.data.max_len)
+  params = jax.tree.leaves(setup.abstract_state.params)
+  frozen = jax.tree.leaves(setup.frozen)
+  report = {
+      "devices": mesh.size, "platform": jax.devices()[0].platform,
+      "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
+      "global_batch": config.batch_size,
+      "per_device_batch": config.batch_size // mesh.size,
+      "image_size": config.data.image_size, "max_len": config.data.max_len,
+      "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.model_path,
+      "dtype": config.dtype,
+      "parameters": sum(int(np.prod(x.shape)) for x in params),
+      "locked_parameters": sum(int(np.prod(x.shape)) for x, f in zip(params, frozen) if f),
+      **dataclasses.asdict(cost),
+  }
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "compile.json"), "w") as f:
+      json.dump(report, f, indent=2)
+  if not config.tokenizer.path and not vocab_size:
+    logging.warning("Dry run with the synthetic tokenizer's %d-piece vocabulary; set "
+                    "config.tokenizer.path or --dry_run_vocab_size to count the real "
+                    "embedding table.", tokenizer.vocab_size)
+  logging.info("Dry run: %.2fM parameters, %.2f GFLOP per step per device, wrote %s.",
+               report["parameters"] / 1e6, (cost.flops or 0) / 1e9,
+               os.path.join(workdir, "compile.json"))
+  return report
 
 
 def train_source(config):
@@ -421,8 +500,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                n_params / 1e6, n_frozen / 1e6, total)
 
   step_fn = make_train_step(setup, config.nan_policy)
-  compiled, flops = compile_step(setup, step_fn, config.batch_size, config.data.image_size,
-                                 config.data.max_len)
+  compiled, cost = compile_step(setup, step_fn, config.batch_size, config.data.image_size,
+                                config.data.max_len)
+  flops = cost.flops
   rng = jax.random.key(config.seed + 1)
 
   last = {}
