@@ -612,3 +612,55 @@ def test_convert_to_arrayrecord_round_trips(tok, tmp_path):
                   str(tmp_path / 'ar2' / 'x')], check=True, capture_output=True)
   assert len(sources.get_source(f'arrayrecord:{tmp_path}/ar2/x-*', 'train',
                                 SIZE, 0)) == 4
+
+
+def test_webdataset_holds_a_bounded_number_of_shards_open(tmp_path):
+  pattern = write_shards(tmp_path / 'shards', num_shards=12, per_shard=3)
+  source = formats.WebDataset(pattern, max_open_files=4,
+                              index_cache_dir=str(tmp_path / 'cache'))
+  order = np.random.default_rng(0).permutation(len(source))
+  labels = []
+  for i in order:
+    labels.append(source[int(i)]['label'])
+    assert source.open_files() <= 4
+  assert sorted(labels) == list(range(36))  # every record read, none turned bad
+  # Reads from several threads at once (the pipeline's and the eval loader's) stay correct
+  # while descriptors are being closed and reopened underneath them.
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    again = list(pool.map(lambda i: source[int(i)]['label'], np.tile(order, 5)))
+  assert again == [labels[k % 36] for k in range(len(again))]
+
+
+def test_a_shard_that_cannot_be_opened_stops_the_run(tok, tmp_path):
+  pattern = write_shards(tmp_path / 'shards', num_shards=3, per_shard=4)
+  source = formats.WebDataset(pattern, index_cache_dir='')
+  os.remove(tmp_path / 'shards' / '00001.tar')  # e.g. an unmounted disk, after indexing
+  # Not a bad record to skip and count: the source itself is broken.
+  with pytest.raises(formats.SourceFileError, match=r'00001.tar'):
+    formats.SafeSource(source)[4]
+  it = pipeline.make_train_iterator(source, tok, batch_size=4, image_size=16, max_len=8,
+                                    seed=0)
+  with pytest.raises(Exception, match=r'Cannot open the tar shard .*00001.tar'):
+    take(it, 3)
+
+
+def test_webdataset_index_is_cached_per_unchanged_shard(tmp_path, monkeypatch):
+  pattern = write_shards(tmp_path / 'shards', num_shards=3, per_shard=4)
+  cache = str(tmp_path / 'cache')
+  first = formats.WebDataset(pattern, index_cache_dir=cache)
+  assert len(os.listdir(cache)) == 3
+  records = [first[i] for i in range(len(first))]
+
+  def no_tar_reading(*args, **kwargs):
+    raise AssertionError('the tar headers were read again')
+
+  monkeypatch.setattr(tarfile, 'open', no_tar_reading)
+  second = formats.WebDataset(pattern, index_cache_dir=cache)
+  assert [second[i] for i in range(len(second))] == records  # same order, same bytes
+  monkeypatch.undo()
+  # A rewritten shard (new size / time) is indexed afresh, not read with a stale index.
+  write_shards(tmp_path / 'shards', num_shards=1, per_shard=6, label_base=100)
+  third = formats.WebDataset(pattern, index_cache_dir=cache)
+  assert len(third) == 6 + 4 + 4
+  assert sorted(third[i]['label'] for i in range(6)) == list(range(100, 106))

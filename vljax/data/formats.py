@@ -18,8 +18,10 @@ which has the caption field) raises `ConfigError` naming the fields it has.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import glob as glob_lib
+import hashlib
 import io
 import json
 import logging
@@ -27,6 +29,7 @@ import os
 import re
 import struct
 import tarfile
+import threading
 from typing import Any
 
 import numpy as np
@@ -38,6 +41,14 @@ IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif')
 
 class EmptySourceError(ConfigError):
   """A data source yields nothing at all (wrong glob, empty file)."""
+
+
+class SourceFileError(RuntimeError):
+  """A file the source itself consists of (a shard) cannot be opened.
+
+  Not one record's problem: SafeSource lets it through, so the run stops with this message
+  instead of silently counting every record of the shard as bad.
+  """
 
 
 # ----------------------------------------------------------------- paths
@@ -94,8 +105,9 @@ class WebDataset:
   """
 
   def __init__(self, pattern: str, caption_key: str = 'caption',
-               prefer_json: bool = False):
-    """Indexes the shards.
+               prefer_json: bool = False, max_open_files: int = 64,
+               index_cache_dir: str | None = None):
+    """Indexes the shards (or reads their cached indexes).
 
     Args:
       pattern: brace/glob pattern of the tar files.
@@ -103,48 +115,74 @@ class WebDataset:
       prefer_json: read the caption from KEY.json even when KEY.txt exists
         (set when the user named the json field: img2dataset writes both, and
         a named field must not be silently shadowed by the .txt).
+      max_open_files: shard files held open at once (least recently used are
+        closed first).
+      index_cache_dir: where shard indexes are cached; default
+        $VLJAX_CACHE/webdataset_index (~/.cache/vljax/...); '' = no cache.
     """
     self.pattern = pattern
     self.paths = expand_paths(pattern)
     self.caption_key = caption_key
     self.prefer_json = prefer_json
+    self.max_open_files = max(1, int(max_open_files))
     # One row per key: (shard index, key, {ext: (offset, size)}).
     self._index: list[tuple[int, str, dict[str, tuple[int, int]]]] = []
     for shard, path in enumerate(self.paths):
-      self._index.extend(self._index_tar(shard, path))
+      groups = _cached_tar_index(path, index_cache_dir)
+      self._index.extend((shard, key, exts) for key, exts in groups.items())
     if not self._index:
       raise EmptySourceError(f'No records in the tar shards {pattern!r}.')
-    self._files: dict[int, int] = {}
+    self._init_files()
 
-  @staticmethod
-  def _index_tar(shard: int, path: str) -> list[Any]:
-    groups: dict[str, dict[str, tuple[int, int]]] = {}
-    try:
-      with tarfile.open(path, 'r:') as tar:
-        for member in tar:
-          if member.isfile():
-            key, ext = _split_member(member.name)
-            groups.setdefault(key, {})[ext] = (member.offset_data, member.size)
-    except (tarfile.TarError, OSError, EOFError) as e:
-      # A truncated shard keeps the members indexed before the damage; the
-      # ones cut short fail when read and are skipped.
-      logging.warning('Tar shard %s is damaged (%s); using the %d keys before '
-                      'the damage.', path, e, len(groups))
-    return [(shard, key, exts) for key, exts in groups.items()]
+  def _init_files(self) -> None:
+    # Open shards, least recently used first, at most max_open_files of them: a pod-scale
+    # source has more shards than a process may hold descriptors.
+    self._files: collections.OrderedDict[int, int] = collections.OrderedDict()
+    # Reads come from several threads (the pipeline's and the eval loader's); a descriptor is
+    # never closed while another thread reads through it.
+    self._files_lock = threading.Lock()
 
   def __len__(self) -> int:
     return len(self._index)
 
   def __getstate__(self) -> dict[str, Any]:
     state = dict(self.__dict__)
-    state['_files'] = {}  # file descriptors do not cross processes
+    # File descriptors and locks do not cross processes.
+    del state['_files'], state['_files_lock']
     return state
 
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
+    self._init_files()
+
+  def __del__(self) -> None:
+    for fd in getattr(self, '_files', {}).values():
+      try:
+        os.close(fd)
+      except OSError:
+        pass
+
+  def open_files(self) -> int:
+    """How many shard files this reader holds open now."""
+    return len(self._files)
+
   def _read(self, shard: int, offset: int, size: int) -> bytes:
-    fd = self._files.get(shard)
-    if fd is None:
-      fd = self._files[shard] = os.open(self.paths[shard], os.O_RDONLY)
-    data = os.pread(fd, size, offset)
+    with self._files_lock:
+      fd = self._files.get(shard)
+      if fd is None:
+        path = self.paths[shard]
+        try:
+          fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+          raise SourceFileError(f'Cannot open the tar shard {path} of {self.pattern!r}: '
+                                f'{e}') from e
+        self._files[shard] = fd
+        if len(self._files) > self.max_open_files:
+          _, oldest = self._files.popitem(last=False)
+          os.close(oldest)
+      else:
+        self._files.move_to_end(shard)
+      data = os.pread(fd, size, offset)
     if len(data) != size:
       raise IOError(f'truncated member ({len(data)} of {size} bytes)')
     return data
@@ -170,6 +208,73 @@ class WebDataset:
     if 'cls' in exts:
       record['label'] = int(self._read(shard, *exts['cls']).strip())
     return record
+
+
+def _index_tar(path: str) -> tuple[dict[str, dict[str, tuple[int, int]]], str | None]:
+  """{key: {ext: (data offset, size)}} from the tar headers, and why it stopped early if so."""
+  groups: dict[str, dict[str, tuple[int, int]]] = {}
+  damage = None
+  try:
+    with tarfile.open(path, 'r:') as tar:
+      for member in tar:
+        if member.isfile():
+          key, ext = _split_member(member.name)
+          groups.setdefault(key, {})[ext] = (member.offset_data, member.size)
+  except FileNotFoundError as e:
+    raise SourceFileError(f'Cannot open the tar shard {path}: {e}') from e
+  except (tarfile.TarError, OSError, EOFError) as e:
+    damage = f'{type(e).__name__}: {e}'
+  return groups, damage
+
+
+def _default_index_cache() -> str:
+  root = os.environ.get('VLJAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
+                                                       'vljax')
+  return os.path.join(root, 'webdataset_index')
+
+
+def _cached_tar_index(path: str, cache_dir: str | None) -> dict[str, Any]:
+  """The shard's index, read from the cache when the file is unchanged (same path, size and
+  modification time), else built from its headers and cached. Reading every header of a
+  thousand shards at each start costs minutes; a cached index costs a JSON load.
+  """
+  cache_dir = _default_index_cache() if cache_dir is None else cache_dir
+  cached = None
+  if cache_dir:
+    try:
+      stat = os.stat(path)
+    except OSError as e:
+      raise SourceFileError(f'Cannot open the tar shard {path}: {e}') from e
+    name = hashlib.sha256(f'{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}'
+                          .encode()).hexdigest()[:24]
+    cached = os.path.join(cache_dir, f'{name}.json')
+    try:
+      with open(cached) as f:
+        entry = json.load(f)
+      groups, damage = entry['groups'], entry['damage']
+      groups = {k: {e: tuple(v) for e, v in exts.items()} for k, exts in groups.items()}
+      cached = None  # found: nothing to write
+    except (OSError, ValueError, KeyError, TypeError):
+      groups = None
+  else:
+    groups = None
+  if groups is None:
+    groups, damage = _index_tar(path)
+  if damage:
+    # A truncated shard keeps the members indexed before the damage; the ones
+    # cut short fail when read and are skipped.
+    logging.warning('Tar shard %s is damaged (%s); using the %d keys before the damage.',
+                    path, damage, len(groups))
+  if cached:
+    try:
+      os.makedirs(cache_dir, exist_ok=True)
+      tmp = f'{cached}.{os.getpid()}.tmp'
+      with open(tmp, 'w') as f:
+        json.dump({'path': os.path.abspath(path), 'groups': groups, 'damage': damage}, f)
+      os.replace(tmp, cached)  # atomic: concurrent readers see no half-written index
+    except OSError as e:  # a read-only cache only costs the next start its indexing
+      logging.info('Could not cache the index of %s: %s', path, e)
+  return groups
 
 
 # ----------------------------------------------------------------- jsonl / csv
@@ -550,6 +655,8 @@ class SafeSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     try:
       record = self.source[index]
+    except SourceFileError:
+      raise  # the source itself is broken: the run must stop, not skip every record
     except Exception as e:  # pylint: disable=broad-except
       # Any failure to read one record is that record's problem, not the run's.
       return {'key': _describe(self.source, index), 'image': None,
