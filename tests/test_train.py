@@ -36,7 +36,8 @@ def tokenizer():
 def _random_batches(config, n, seed=0):
   rng = np.random.default_rng(seed)
   size, length = config.data.image_size, config.data.max_len
-  return [{"image": rng.uniform(-1, 1, (config.batch_size, size, size, 3)).astype(np.float32),
+  return [{"image": rng.integers(0, 256, (config.batch_size, size, size, 3), np.uint8),
+           "brightness": np.zeros((config.batch_size,), np.float32),
            "text": rng.integers(3, 40, (config.batch_size, length)).astype(np.int32),
            "label": np.zeros((config.batch_size,), np.int32)} for _ in range(n)]
 
@@ -101,7 +102,8 @@ def test_nan_loss_stops_or_skips(tokenizer, monkeypatch, tmp_path):
         self.count += 1
         batch = next(inner)
         if self.count == 3:
-          batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+          # uint8 pixels cannot be NaN; a NaN brightness delta makes the normalised image NaN.
+          batch = dict(batch, brightness=np.full_like(batch["brightness"], np.nan))
         return batch
 
       def get_state(self):
@@ -378,3 +380,44 @@ def test_dry_run_writes_the_compiled_cost_and_trains_nothing(tmp_path):
   # FSDP splits the parameters and Adam moments 8 ways: the step's arguments shrink (the small
   # replicated leaves and the batch shard keep it above exactly 1/8).
   assert fsdp["argument_bytes"] < 0.4 * data["argument_bytes"]
+
+
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(mean=(0.48, 0.46, 0.41), std=(0.27, 0.26, 0.28)),
+    dict(brightness=0.2),
+    dict(brightness=0.2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+], ids=["range", "mean_std", "brightness", "brightness_mean_std"])
+def test_uint8_batches_normalised_on_device_equal_the_host_path(options):
+  from vljax.data import preprocess  # pylint: disable=g-import-not-at-top
+  opts = preprocess.ImageOptions(size=8, **options)
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (6, 8, 8, 3), np.uint8)
+  delta = (rng.uniform(-0.2, 0.2, 6) if opts.brightness else np.zeros(6)).astype(np.float32)
+  host = preprocess.normalize(pixels, opts, delta)
+  device = jax.jit(lambda p, d: train.normalize_on_device(p, d, opts))(pixels, delta)
+  np.testing.assert_allclose(np.asarray(device), host, rtol=1e-6, atol=1e-6)
+
+
+def test_training_batches_cross_to_the_device_as_uint8():
+  config = tiny_config("siglip")
+  tokenizer = tokenizer_lib.get_tokenizer(None)
+  source = train.train_source(config)
+  batch = next(train.make_iterator(config, source, tokenizer))
+  assert batch["image"].dtype == np.uint8 and batch["brightness"].dtype == np.float32
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+  setup = train.build(config, tokenizer, mesh, epoch_size=None)
+  step = train.make_train_step(setup)
+  compiled, cost = train.compile_step(setup, step, config.batch_size, config.data.image_size,
+                                      config.data.max_len)
+  # The compiled step takes uint8 pixels: its image argument is a quarter of float32's size.
+  image_bytes = config.batch_size * config.data.image_size ** 2 * 3 // mesh.size
+  placed = sharding.global_batch_from_host(
+      {k: v for k, v in batch.items() if not k.startswith("_")}, mesh)
+  assert placed["image"].dtype == np.uint8
+  assert placed["image"].addressable_shards[0].data.nbytes == image_bytes
+  assert cost.argument_bytes > 0
+  state = train.init_state(setup, 0)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    _, m = compiled(state, placed, jax.random.key(0))
+  assert np.isfinite(float(m["train/loss"]))

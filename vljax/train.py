@@ -117,6 +117,7 @@ class Setup:
   init_fn: Callable[[jax.Array], TrainState]
   total_steps: int
   frozen: Any  # pytree of bools like the params: True = locked (config.optim.freeze)
+  image_options: preprocess.ImageOptions  # how the step turns uint8 pixels into model inputs
 
 
 def build(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh,
@@ -155,8 +156,10 @@ def build(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh,
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                  opt_state=abstract_opt), state_shardings)
+  image_options = preprocess.image_options_from_config(config.data, config.data.image_size,
+                                                       train=True)
   return Setup(mesh, rules, objective, tx, schedule, state_shardings, abstract_state, init_fn,
-               total_steps, optim.frozen_mask(config.optim, abstract_params))
+               total_steps, optim.frozen_mask(config.optim, abstract_params), image_options)
 
 
 def init_state(setup: Setup, seed: int) -> TrainState:
@@ -187,12 +190,40 @@ def value_and_trainable_grad(loss_fn: Callable, params: Any, frozen: Any, *args)
   return out, jax.tree.unflatten(treedef, grads)
 
 
+def normalize_on_device(pixels: jax.Array, brightness: jax.Array,
+                        opts: preprocess.ImageOptions) -> jax.Array:
+  """uint8 [B, H, W, 3] pixels + per-image brightness delta [B] -> float32 model inputs.
+
+  The device-side twin of vljax.data.preprocess.normalize (same operations in float32), so
+  images cross to the device as uint8, a quarter of the bytes.
+  """
+  x = pixels.astype(jnp.float32)
+  if opts.mean is None:
+    out = x * jnp.float32(2.0 / 255.0) - jnp.float32(1.0)
+  else:
+    out = ((x / jnp.float32(255.0) - jnp.asarray(opts.mean, jnp.float32))
+           / jnp.asarray(opts.std, jnp.float32))
+  # Added even when brightness augmentation is off (the deltas are then zeros), so a
+  # non-finite delta shows up in the loss as a non-finite input would.
+  out = out + brightness.astype(jnp.float32)[:, None, None, None]
+  if opts.brightness and opts.mean is None:
+    out = jnp.clip(out, -1.0, 1.0)
+  return out
+
+
 def make_train_step(setup: Setup, nan_policy: str = "stop") -> Callable:
-  """The jitted train_step(state, batch, rng) -> (state, metrics), with donated state."""
+  """The jitted train_step(state, batch, rng) -> (state, metrics), with donated state.
+
+  The batch carries 'image' as uint8 pixels and 'brightness' deltas; the step normalises them
+  (normalize_on_device) before the objective sees 'image'.
+  """
   objective, tx, schedule = setup.objective, setup.tx, setup.schedule
-  frozen = setup.frozen
+  frozen, image_options = setup.frozen, setup.image_options
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+    batch = dict(batch)
+    batch["image"] = normalize_on_device(batch["image"], batch.pop("brightness"),
+                                         image_options)
     step_rng = jax.random.fold_in(rng, state.step)
     (loss, aux), grads = value_and_trainable_grad(objective.loss_fn, state.params, frozen,
                                                   batch, step_rng)
@@ -212,6 +243,7 @@ def make_train_step(setup: Setup, nan_policy: str = "stop") -> Callable:
 
   batch_shardings = {
       "image": sharding.batch_sharding(setup.mesh, 4),
+      "brightness": sharding.batch_sharding(setup.mesh, 1),
       "text": sharding.batch_sharding(setup.mesh, 2),
       "label": sharding.batch_sharding(setup.mesh, 1),
   }
@@ -238,7 +270,8 @@ def compile_step(setup: Setup, step_fn: Callable, batch_size: int, image_size: i
   Returns (compiled step, StepCost).
   """
   batch = {
-      "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32),
+      "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8),
+      "brightness": jax.ShapeDtypeStruct((batch_size,), jnp.float32),
       "text": jax.ShapeDtypeStruct((batch_size, max_len), jnp.int32),
       "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
   }
@@ -352,7 +385,8 @@ def make_iterator(config, source, tokenizer):
       worker_count=data.worker_count,
       image_options=preprocess.image_options_from_config(data, data.image_size, train=True),
       text_options=preprocess.TextOptions(lowercase=bool(data.get("lowercase", False)),
-                                          canonicalize=bool(data.get("canonicalize", False))))
+                                          canonicalize=bool(data.get("canonicalize", False))),
+      normalize=False)  # uint8 to the device; the step normalises (normalize_on_device)
 
 
 def make_evaluator(config, objective, tokenizer, mesh, rules):
@@ -525,7 +559,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
       for step in range(start_step + 1, total + 1):
         host_batch = next(iterator)
-        # Data-only keys ('_skipped', ...) stay on the host; the step sees image/text/label.
+        # Data-only keys ('_skipped', ...) stay on the host; the step sees image (uint8),
+        # brightness, text and label.
         skipped_records += int(host_batch.pop("_skipped", 0))
         skipped_sample.extend(host_batch.pop("_skipped_keys", ()))
         del skipped_sample[:-8]

@@ -150,15 +150,25 @@ class _Preprocess(grain.transforms.MapWithIndex):
 
 def _collate(elements: Sequence[Mapping[str, Any]],
              tokenizer: tokenizer_lib.Tokenizer, max_len: int,
-             image_options: preprocess.ImageOptions) -> dict[str, np.ndarray]:
-  """Stacks and normalises examples and tokenises their captions in one call."""
-  return {
-      'image': preprocess.normalize(
-          np.stack([e['image'] for e in elements]), image_options,
-          np.asarray([e['brightness'] for e in elements], np.float32)),
+             image_options: preprocess.ImageOptions,
+             normalize: bool = True) -> dict[str, np.ndarray]:
+  """Stacks examples and tokenises their captions in one call.
+
+  normalize=True gives float32 model inputs; False keeps the uint8 pixels and adds each
+  example's brightness delta ('brightness', float32 [B]) for normalisation on the device
+  (a quarter of the bytes to transfer).
+  """
+  pixels = np.stack([e['image'] for e in elements])
+  delta = np.asarray([e['brightness'] for e in elements], np.float32)
+  batch = {
       'text': tokenizer.encode([e['caption'] for e in elements], max_len),
       'label': np.asarray([e['label'] for e in elements], dtype=np.int32),
   }
+  if normalize:
+    batch['image'] = preprocess.normalize(pixels, image_options, delta)
+  else:
+    batch['image'], batch['brightness'] = pixels, delta
+  return batch
 
 
 class _SkipBadAndBatch(grain.IterDataset):
@@ -265,7 +275,8 @@ def make_train_dataset(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
                        augment: Mapping[str, Any] | None = None,
                        image_options: preprocess.ImageOptions | None = None,
                        text_options: preprocess.TextOptions | None = None,
-                       worker_count: int = 0) -> grain.IterDataset:
+                       worker_count: int = 0,
+                       normalize: bool = True) -> grain.IterDataset:
   """The training pipeline as a `grain.IterDataset` of per-process batches.
 
   See `make_train_iterator` for the arguments.
@@ -312,7 +323,7 @@ def make_train_dataset(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
   return _SkipBadAndBatch(
       it_ds, batch_size,
       functools.partial(_collate, tokenizer=tokenizer, max_len=max_len,
-                        image_options=image_opts))
+                        image_options=image_opts, normalize=normalize))
 
 
 def make_train_iterator(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
@@ -324,6 +335,7 @@ def make_train_iterator(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
                         worker_count: int = 0,
                         image_options: preprocess.ImageOptions | None = None,
                         text_options: preprocess.TextOptions | None = None,
+                        normalize: bool = True,
                         ) -> grain.DatasetIterator:
   """A checkpointable iterator over this process's training batches.
 
@@ -350,6 +362,8 @@ def make_train_iterator(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
       processes; the batches are the same for any worker count.
     image_options: resize mode, augmentation, normalisation.
     text_options: caption lowercasing / canonicalisation.
+    normalize: False keeps 'image' as uint8 pixels and adds 'brightness'
+      (float32 [b]) for normalisation on the device (what the trainer does).
 
   Returns:
     A `grain.DatasetIterator`; `get_state()` is a small JSON-serialisable
@@ -365,7 +379,7 @@ def make_train_iterator(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
       num_epochs=num_epochs, augment=augment, image_options=image_options,
       text_options=text_options)
   return iter(make_train_dataset(source, tokenizer, worker_count=worker_count,
-                                **kwargs))
+                                normalize=normalize, **kwargs))
 
 
 # Records decoded concurrently per window while loading an eval set: bounds
