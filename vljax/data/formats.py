@@ -187,6 +187,23 @@ class WebDataset:
       raise IOError(f'truncated member ({len(data)} of {size} bytes)')
     return data
 
+  def _caption(self, shard: int, key: str, exts: dict[str, tuple[int, int]]) -> Any:
+    """KEY.txt, or the json field when there is no .txt or the spec named the field."""
+    if 'json' in exts and (self.prefer_json or 'txt' not in exts):
+      meta = json.loads(self._read(shard, *exts['json']))
+      if not isinstance(meta, dict) or self.caption_key not in meta:
+        have = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise KeyError(f'no field {self.caption_key!r} in {key}.json (it has '
+                       f'{have}); name the caption field with ?caption=FIELD')
+      return meta[self.caption_key]
+    if 'txt' in exts:
+      return self._read(shard, *exts['txt'])
+    return None
+
+  def caption(self, index: int) -> Any:
+    """The record's raw caption without reading its image (tokenizer training)."""
+    return self._caption(*self._index[index])
+
   def __getitem__(self, index: int) -> dict[str, Any]:
     shard, key, exts = self._index[index]
     name = f'{os.path.basename(self.paths[shard])}:{key}'
@@ -196,15 +213,7 @@ class WebDataset:
     if image_ext is None:
       raise KeyError(f'no image member (has {sorted(exts)})')
     record['image'] = self._read(shard, *exts[image_ext])
-    if 'json' in exts and (self.prefer_json or 'txt' not in exts):
-      meta = json.loads(self._read(shard, *exts['json']))
-      if not isinstance(meta, dict) or self.caption_key not in meta:
-        have = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
-        raise KeyError(f'no field {self.caption_key!r} in {key}.json (it has '
-                       f'{have}); name the caption field with ?caption=FIELD')
-      record['caption'] = meta[self.caption_key]
-    elif 'txt' in exts:
-      record['caption'] = self._read(shard, *exts['txt'])
+    record['caption'] = self._caption(shard, key, exts)
     if 'cls' in exts:
       record['label'] = int(self._read(shard, *exts['cls']).strip())
     return record
@@ -305,13 +314,21 @@ class _TableSource:
   def __len__(self) -> int:
     return len(self.rows)
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
+  def _row(self, index: int) -> tuple[int, dict[str, Any]]:
     line, row = self.rows[index]
-    key = f'{os.path.basename(self.path)}:{line}'
     if isinstance(row, Exception):
       raise row
     if not isinstance(row, dict):
       raise ValueError(f'row is {type(row).__name__}, not an object')
+    return line, row
+
+  def caption(self, index: int) -> Any:
+    """The record's raw caption(s) without reading its image (tokenizer training)."""
+    return self._row(index)[1].get(self.caption_key)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    line, row = self._row(index)
+    key = f'{os.path.basename(self.path)}:{line}'
     rel = row.get(self.image_key)
     if not rel:
       raise KeyError(f'no {self.image_key!r} field')
@@ -659,7 +676,7 @@ class SafeSource:
       raise  # the source itself is broken: the run must stop, not skip every record
     except Exception as e:  # pylint: disable=broad-except
       # Any failure to read one record is that record's problem, not the run's.
-      return {'key': _describe(self.source, index), 'image': None,
+      return {'key': describe_record(self.source, index), 'image': None,
               'caption': None, 'label': -1, 'image_id': str(index),
               'error': f'{type(e).__name__}: {e}'}
     record.setdefault('key', str(index))
@@ -668,7 +685,8 @@ class SafeSource:
     return record
 
 
-def _describe(source: Any, index: int) -> str:
+def describe_record(source: Any, index: int) -> str:
+  """How logs name record `index` of `source` (shard:key, file:line); never raises."""
   try:
     if isinstance(source, WebDataset):
       shard, key, _ = source._index[index]  # pylint: disable=protected-access

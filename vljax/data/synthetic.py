@@ -255,6 +255,10 @@ class SyntheticImageText:
         size=size, region=region, cx=float(cx), cy=float(cy), radius=radius,
         caption=caption, distractor=distractor)
 
+  def caption(self, index: int) -> str:
+    """The caption of example `index`, without rendering the image (tokenizer training)."""
+    return self.describe(index).caption
+
   def describe(self, index: int) -> ExampleSpec:
     """The semantic content of example `index`, without rendering the image."""
     index = self._check_index(index)

@@ -397,54 +397,15 @@ class CaptionStats:
   captions: int = 0
 
 
-def _record_key(source: Any, index: int) -> str:
-  # The readers' own naming of a record (file:line, shard:key), as the
-  # pipeline logs it; only for messages, so any failure falls back.
-  describe = getattr(formats, '_describe', None)
-  try:
-    return describe(source, index) if describe else f'record {index}'
-  except Exception:  # pylint: disable=broad-except
-    return f'record {index}'
-
-
 def _caption_reader(source: Any) -> Callable[[int], Any]:
   """index -> raw caption(s) of that record, reading no image where it can.
 
-  Readers return whole records, and images are ~1000x the bytes of their
-  captions; so the formats whose layout allows it are read caption-only, the
-  others through __getitem__. Raises as the reader would for a bad record.
+  Images are ~1000x the bytes of their captions, so readers that can read a caption alone
+  (webdataset, jsonl/csv, synthetic: their `caption(index)`) are read that way; the others
+  through __getitem__. Raises as the reader would for a bad record.
   """
-  # pylint: disable=protected-access
-  if isinstance(source, synthetic.SyntheticImageText):
-    return lambda i: source.describe(i).caption
-  if (isinstance(source, formats._TableSource) and
-      hasattr(source, 'rows') and hasattr(source, 'caption_key')):
-    def read_row(i: int) -> Any:
-      _, row = source.rows[i]
-      if isinstance(row, Exception):
-        raise row
-      if not isinstance(row, dict):
-        raise ValueError(f'row is {type(row).__name__}, not an object')
-      return row.get(source.caption_key)
-    return read_row
-  if (isinstance(source, formats.WebDataset) and
-      hasattr(source, '_index') and hasattr(source, '_read')):
-    key = getattr(source, 'caption_key', 'caption')
-    # As WebDataset.__getitem__: KEY.txt, unless the spec named a json field.
-    prefer_json = getattr(source, 'prefer_json', False)
-
-    def read_members(i: int) -> Any:
-      shard, name, exts = source._index[i]
-      if 'json' in exts and (prefer_json or 'txt' not in exts):
-        meta = json.loads(source._read(shard, *exts['json']))
-        if not isinstance(meta, dict) or key not in meta:
-          raise KeyError(f'no field {key!r} in {name}.json')
-        return meta[key]
-      if 'txt' in exts:
-        return source._read(shard, *exts['txt'])
-      return None
-    return read_members
-  # pylint: enable=protected-access
+  if hasattr(source, 'caption'):
+    return source.caption
 
   def read_record(i: int) -> Any:
     record = source[i]
@@ -524,7 +485,7 @@ def read_captions(spec: str, max_records: int = DEFAULT_MAX_RECORDS,
         # One unreadable record must not stop the run; it is counted instead.
         stats.records_skipped += 1
         if not stats.first_skipped:
-          stats.first_skipped = f'{_record_key(part, index)}: {e}'
+          stats.first_skipped = f'{formats.describe_record(part, index)}: {e}'
         continue
       captions.extend(found)
   stats.captions = len(captions)
