@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vljax import configlib, optim, sharding, train
-from vljax.checkpoint import load_exported_params, read_config
+from vljax.checkpoint import load_exported_params
 from vljax.data import tokenizer as tokenizer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ def test_lit_locks_the_loaded_image_tower_bit_identically(tmp_path):
     np.testing.assert_array_equal(after[name], before[name], err_msg=name)
   # The text tower trained from its own random start, not from the SigLIP text tower.
   assert sum(not np.array_equal(after[n], before[n]) for n in text) > len(text) // 2
-  assert read_config(lit)["init"]["path"] == base
+  assert configlib.read_run_config(lit)["init"]["path"] == base
 
   # Locked parameters have no optimizer state.
   config = _config(f"lit.py:scale=tiny,init={base}")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from vljax import configlib, evaluate, metrics, sharding, train
-from vljax.checkpoint import CheckpointError, load_exported_params, read_config
+from vljax.checkpoint import CheckpointError, load_exported_params
 from vljax.data import tokenizer as tokenizer_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,8 +150,9 @@ def test_config_runs_end_to_end(name, tmp_path):
   assert _event_tags(os.path.join(workdir, "tensorboard")) == names
   assert any("@" in n for n in names)
   assert final["eval/zeroshot_examples"] == 64 and final["eval/retrieval_images"] == 64
-  assert read_config(workdir) == read_config(os.path.join(workdir, "export")) == \
-      json.loads(config.to_json())
+  assert (configlib.read_run_config(workdir)
+          == configlib.read_run_config(os.path.join(workdir, "export"))
+          == json.loads(config.to_json()))
   exported = load_exported_params(os.path.join(workdir, "export"))
   assert set(exported) >= {"img", "txt", "t"}
 

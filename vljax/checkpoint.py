@@ -13,7 +13,6 @@ mid-save leaves the previous checkpoint as the latest one.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -117,14 +116,6 @@ def write_config(directory: str, config_json: str) -> None:
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
       f.write(config_json)
-
-
-def read_config(directory: str) -> dict:
-  path = os.path.join(directory, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"No config.json in {directory}: is it a vljax workdir or export?")
-  with open(path) as f:
-    return json.load(f)
 
 
 def write_tokenizer(directory: str, tokenizer: Any) -> None:

@@ -110,20 +110,24 @@ def _overlay(base: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None
       base[key] = value
 
 
+def read_run_config(directory: str) -> dict:
+  """DIRECTORY/config.json (a workdir or its export) as written, a plain dict."""
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    raise ConfigError(f"No config.json in {directory!r}: is it a vljax workdir or export? "
+                      f"Name a config explicitly with --config=configs/NAME.py.")
+  with open(path) as f:
+    return json.load(f)
+
+
 def load_run_config(directory: str) -> ml_collections.ConfigDict:
   """The config a run wrote to DIRECTORY/config.json (a workdir or its export), locked.
 
   It is laid over today's defaults (base_train_config), so a workdir written before a key
   existed still loads, with that key at its default.
   """
-  path = os.path.join(directory, "config.json")
-  if not os.path.exists(path):
-    raise ConfigError(f"No config.json in {directory!r}: is it a vljax workdir or export? "
-                      f"Name a config explicitly with --config=configs/NAME.py.")
-  with open(path) as f:
-    values = json.load(f)
   config = base_train_config()
-  _overlay(config, values)
+  _overlay(config, read_run_config(directory))
   config.lock()
   return config
 
