@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vljax import configlib, sharding
+from vljax import configlib, losses, sharding
 from vljax.data import tokenizer as tokenizer_lib
 from vljax.models import coca as coca_model
 from vljax.objectives import coca as coca_obj
@@ -96,11 +96,11 @@ def test_captioning_loss_worked_example():
   logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
   targets = jnp.array([[0, 1, 2]])
   mask = jnp.array([[True, True, False]])
-  loss, acc = coca_obj.captioning_loss(logits, targets, mask)
+  loss, acc = losses.captioning_loss(logits, targets, mask)
   np.testing.assert_allclose(loss, (np.log(2) + -np.log(0.8)) / 2, rtol=1e-6)
   np.testing.assert_allclose(acc, 1.0)
   # Label smoothing eps: (1 - eps) * nll + eps * mean over the vocabulary of -log p.
-  loss_s, _ = coca_obj.captioning_loss(logits, targets, mask, 0.1)
+  loss_s, _ = losses.captioning_loss(logits, targets, mask, 0.1)
   smooth = lambda p, t: 0.9 * -np.log(p[t]) + 0.1 * -np.mean(np.log(p))
   expected = (smooth(np.array([0.5, 0.25, 0.25]), 0) + smooth(np.array([0.1, 0.8, 0.1]), 1)) / 2
   np.testing.assert_allclose(loss_s, expected, rtol=1e-6)
@@ -224,7 +224,10 @@ def test_captioning_evaluator_groups_references_and_scores(tokenizer):
                                     sharding.DEFAULT_RULES)
   metrics = evaluator(None)
   expected = captioning.compute_scores([captions[:2], captions[2:]], answers)
+  # The image-blind baseline: every image gets the most frequent caption (all tied: the first).
+  constant = captioning.compute_scores([captions[:2], captions[2:]], [captions[0]] * 2)
   assert metrics == pytest.approx({"eval/cider": expected["cider"],
                                    "eval/bleu4": expected["bleu4"],
-                                   "eval/captioning_examples": 2.0})
+                                   "eval/captioning_examples": 2.0,
+                                   "eval/cider_most_frequent_caption": constant["cider"]})
   assert evaluator.parts[0].last_captions == answers

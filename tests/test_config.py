@@ -26,7 +26,8 @@ def test_parse_arg_types_and_unknown_key():
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 @pytest.mark.parametrize("arg", ["", "scale=tiny", "scale=paper"])
 def test_every_config_loads_and_validates(path, arg):
-  if path.endswith("lit.py"):  # LiT starts from a trained run's image tower
+  # LiT and PaLI's paper recipe start from a trained run's image tower.
+  if path.endswith("lit.py") or (path.endswith("pali.py") and "paper" in arg):
     arg = ",".join(a for a in (arg, "init=/runs/siglip") if a)
   config = configlib.load_config_file(f"{path}:{arg}" if arg else path)
   assert config.objective

@@ -297,3 +297,235 @@ def test_paper_configs_use_decoupled_values():
     config = configlib.load_config_file(os.path.join(ROOT, "configs", f"{name}.py:scale=paper"))
     assert config.optim.wd == pytest.approx(wd, rel=1e-9), name
     assert list(map(list, config.optim.wd_mults)) == [["(^|/)kernel$", 1.0]]
+
+
+# ---- Adafactor (config.optim.name = "adafactor"). ----
+
+def _adafactor_cfg(**adafactor):
+  c = _cfg(name="adafactor")
+  c.adafactor.update(adafactor)
+  return c
+
+
+def _adafactor_reference(params, grad_steps, *, schedule, peak_lr, lr_mult, wd, wd_mult,
+                         clip_norm, decay_rate, min_dim, clip_threshold, momentum, eps=1e-30):
+  """Adafactor steps with decoupled decay, in float64 numpy, from the formulas.
+
+  `params` and each entry of `grad_steps` are {name: array}. A leaf is factored when it has
+  >= 2 dims and its two largest dims are >= min_dim (ties go to the later axis); its second
+  moment is kept as running *sums* of g^2 + eps along each of those two axes (a row-sum and a
+  column-sum statistic) and rebuilt as row_sum * col_sum / total per slice over the other dims
+  (Shazeer & Stern's rank-1 estimate). Returns (final params, {name: (row_sum, col_sum)} of the
+  factored leaves, how many leaf-steps the RMS clipping scaled down).
+  """
+  p = {n: np.asarray(x, np.float64) for n, x in params.items()}
+  second, first, n_clipped = {}, {n: np.zeros_like(x) for n, x in p.items()}, 0
+  for t, grads in enumerate(grad_steps):
+    g = {n: np.asarray(x, np.float64) for n, x in grads.items()}
+    if clip_norm:
+      norm = math.sqrt(sum(float(np.sum(x * x)) for x in g.values()))
+      g = {n: x * min(1.0, clip_norm / norm) for n, x in g.items()}
+    beta2 = 1.0 - (t + 1.0) ** (-decay_rate)
+    lr_t = schedule(t)
+    for n, x in g.items():
+      sq = x * x + eps
+      axes = np.argsort(x.shape, kind="stable")[-2:] if x.ndim >= 2 else ()
+      if x.ndim >= 2 and x.shape[axes[0]] >= min_dim:
+        row = sq.sum(axis=axes[1], keepdims=True)  # varies along axes[0]
+        col = sq.sum(axis=axes[0], keepdims=True)  # varies along axes[1]
+        old_row, old_col = second.get(n, (0.0, 0.0))
+        row, col = beta2 * old_row + (1 - beta2) * row, beta2 * old_col + (1 - beta2) * col
+        second[n] = (row, col)
+        v = row * col / row.sum(axis=axes[0], keepdims=True)
+      else:
+        v = beta2 * second.get(n, 0.0) + (1 - beta2) * sq
+        second[n] = v
+      u = x / np.sqrt(v)
+      rms = math.sqrt(float(np.mean(u * u)))
+      if clip_threshold is not None and rms > clip_threshold * (1 + 1e-6):
+        u = u * clip_threshold / rms
+        n_clipped += 1
+      if momentum is not None:
+        first[n] = momentum * first[n] + (1 - momentum) * u
+        u = first[n]
+      p[n] = p[n] - lr_t * lr_mult[n] * u - wd * wd_mult[n] * (lr_t / peak_lr) * p[n]
+  factored = {n: s for n, s in second.items() if isinstance(s, tuple)}
+  return p, factored, n_clipped
+
+
+def _factored_state(opt_state):
+  """The optax FactoredState inside the optimizer state (Adafactor's second moments)."""
+  found = [x for x in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, optax.FactoredState))
+           if isinstance(x, optax.FactoredState)]
+  assert len(found) == 1
+  return found[0]
+
+
+# A factored 4x6 matrix, a factored 3-D leaf (factored over its 5 and 3 dims, one estimate per
+# index of its leading dim), a 2x6 matrix too narrow to factor, a vector and a scalar.
+TOY = {"enc": {"kernel": np.random.default_rng(1).normal(size=(4, 6)).astype(np.float32),
+               "bias": np.random.default_rng(2).normal(size=(6,)).astype(np.float32),
+               "attn": {"kernel": np.random.default_rng(3).normal(size=(2, 5, 3))
+                        .astype(np.float32)}},
+       "pos": np.random.default_rng(4).normal(size=(2, 6)).astype(np.float32),
+       "t": np.float32(0.7)}
+
+
+@pytest.mark.parametrize("momentum,clip_threshold",
+                         [(None, 1.0), (0.9, 0.5), (None, None), (0.9, None)])
+def test_adafactor_steps_match_numpy_reference(momentum, clip_threshold):
+  lr, warmup, wd, clip_norm, decay_rate = 0.05, 2, 0.01, 2.0, 0.8
+  cfg = _adafactor_cfg(min_dim_size_to_factor=3, momentum=momentum,
+                       clip_threshold=clip_threshold, decay_rate=decay_rate)
+  cfg.update(dict(lr=lr, wd=wd, schedule="constant", clip_norm=clip_norm,
+                  lr_mults=[["^enc/bias$", 0.5], ["^t$", 2.0]],
+                  wd_mults=[["kernel$", 1.0], ["^pos$", 0.5]]))
+  params = jax.tree.map(jnp.asarray, TOY)
+  tx, _ = optim.make_optimizer(cfg, params, total_steps=10, warmup_steps=warmup)
+  state = tx.init(params)
+  rng = np.random.default_rng(0)
+  grad_steps = []
+  for scale in (1.0, 4.0, 0.25, 2.0):  # changing scales make the RMS clipping bite
+    grads = jax.tree.map(lambda x: (scale * rng.normal(size=np.shape(x))).astype(np.float32),
+                         TOY)
+    grad_steps.append(_named_leaves(grads))
+    updates, state = tx.update(jax.tree.map(jnp.asarray, grads), state, params)
+    params = optax.apply_updates(params, updates)
+
+  names = list(_named_leaves(TOY))
+  expected, stats, n_clipped = _adafactor_reference(
+      _named_leaves(TOY), grad_steps, schedule=lambda t: lr * min(1.0, t / warmup),
+      peak_lr=lr, wd=wd, clip_norm=clip_norm, decay_rate=decay_rate, min_dim=3,
+      clip_threshold=clip_threshold, momentum=momentum,
+      lr_mult={n: {"enc/bias": 0.5, "t": 2.0}.get(n, 1.0) for n in names},
+      wd_mult={n: 1.0 if n.endswith("kernel") else 0.5 if n == "pos" else 0.0 for n in names})
+  assert set(stats) == {"enc/kernel", "enc/attn/kernel"}  # what the reference factored
+  if clip_threshold is not None:
+    assert n_clipped > 0  # the clipping is exercised, not just configured
+  got, start = _named_leaves(params), _named_leaves(TOY)
+  for name in names:
+    np.testing.assert_allclose(np.asarray(got[name], np.float64), expected[name], rtol=2e-5,
+                               atol=1e-6, err_msg=name)
+    assert not np.allclose(got[name], start[name]), name  # every leaf really moved
+
+  # The stored statistics are the reference's row and column sums as means.
+  factored = _factored_state(state)
+  row, col = stats["enc/kernel"]
+  np.testing.assert_allclose(factored.v_row["enc"]["kernel"], row[:, 0] / 6, rtol=2e-5)
+  np.testing.assert_allclose(factored.v_col["enc"]["kernel"], col[0, :] / 4, rtol=2e-5)
+
+
+def test_adafactor_factored_state_shapes():
+  cfg = _adafactor_cfg(min_dim_size_to_factor=3, momentum=0.9)
+  tx, _ = optim.make_optimizer(cfg, TOY, total_steps=10, warmup_steps=0)
+  state = _factored_state(tx.init(TOY))
+  # A factored leaf keeps one statistic without its largest dim and one without its second
+  # largest; its full-size slot `v` is an unused (1,) placeholder.
+  assert state.v_row["enc"]["kernel"].shape == (4,)
+  assert state.v_col["enc"]["kernel"].shape == (6,)
+  assert state.v["enc"]["kernel"].shape == (1,)
+  assert state.v_row["enc"]["attn"]["kernel"].shape == (2, 3)
+  assert state.v_col["enc"]["attn"]["kernel"].shape == (2, 5)
+  # Too narrow (2 < 3) and 1-D leaves keep the full second moment.
+  for name in ("pos", "t"):
+    assert state.v[name].shape == np.shape(TOY[name]) and state.v_row[name].shape == (1,)
+  assert state.v["enc"]["bias"].shape == (6,)
+  # With the default min_dim_size_to_factor=128 nothing this small is factored.
+  tx, _ = optim.make_optimizer(_adafactor_cfg(), TOY, total_steps=10, warmup_steps=0)
+  state = _factored_state(tx.init(TOY))
+  assert state.v["enc"]["kernel"].shape == (4, 6)
+
+
+def test_adafactor_freeze_wd_mults_and_first_step():
+  cfg = _adafactor_cfg(min_dim_size_to_factor=3)
+  cfg.update(dict(lr=1e-3, wd=0.1, schedule="constant", clip_norm=0.0, freeze=["^img/"],
+                  lr_mults=[["^txt/", 0.5]], wd_mults=[["^txt/.*kernel$", 2.0], ["^t$", 1.0]]))
+  tx, _ = optim.make_optimizer(cfg, PARAMS, total_steps=10, warmup_steps=0)
+  state = tx.init(PARAMS)
+  # Frozen parameters have no optimizer state at all.
+  assert not [n for n in _named_leaves(state) if "/img/" in n or n.startswith("img/")]
+  assert _factored_state(state).v_row["txt"]["Dense_0"]["kernel"].shape == (3,)
+
+  # Zero gradient: Adafactor's update is 0 / sqrt(eps) = 0, so only the decay moves parameters;
+  # at peak it is wd * wd_mult, whatever the lr multiplier.
+  zero = jax.tree.map(jnp.zeros_like, PARAMS)
+  updates, _ = tx.update(zero, _at_step(state, 5), PARAMS)
+  new = optax.apply_updates(PARAMS, updates)
+  np.testing.assert_allclose(new["txt"]["Dense_0"]["kernel"], 1 - 0.1 * 2.0, rtol=1e-6)
+  np.testing.assert_allclose(new["t"], 2.3 * (1 - 0.1), rtol=1e-6)
+  np.testing.assert_array_equal(new["txt"]["Dense_0"]["bias"], 1.0)
+
+  # A gradient of ones: every second-moment estimate is 1 + eps (factored: row sums 4, column
+  # sums 3, total 12 -> 4 * 3 / 12), so the step is exactly lr * lr_mult (RMS 1, not clipped).
+  # The frozen tower's huge gradient changes nothing, bit for bit.
+  grads = jax.tree.map(jnp.ones_like, PARAMS)
+  grads["img"] = jax.tree.map(lambda p: 1e6 * jnp.ones_like(p), PARAMS["img"])
+  updates, _ = tx.update(grads, state, PARAMS)
+  new = optax.apply_updates(PARAMS, updates)
+  for leaf_new, leaf_old in zip(jax.tree.leaves(new["img"]), jax.tree.leaves(PARAMS["img"])):
+    np.testing.assert_array_equal(leaf_new, leaf_old)
+  # No warmup, so s(0) = 1 and step 0 already decays by wd * wd_mult.
+  np.testing.assert_allclose(new["txt"]["Dense_0"]["kernel"], 1 - 1e-3 * 0.5 - 0.1 * 2.0,
+                             rtol=1e-6)
+  np.testing.assert_allclose(new["txt"]["Dense_0"]["bias"], 1 - 1e-3 * 0.5, rtol=1e-6)
+  np.testing.assert_allclose(new["t"], 2.3 - 1e-3 - 0.1 * 2.3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("decay_rate", 0.0), ("decay_rate", 1.5), ("clip_threshold", 0.0),
+    ("clip_threshold", -1.0), ("momentum", 1.0), ("momentum", -0.1), ("epsilon", 0.0),
+    ("min_dim_size_to_factor", 0)])
+def test_adafactor_bad_values_are_config_errors(key, value):
+  cfg = _adafactor_cfg(**{key: value})
+  with pytest.raises(configlib.ConfigError, match=rf"config\.optim\.adafactor\.{key}="):
+    optim.make_optimizer(cfg, PARAMS, 10, 0)
+  # The same settings are not read by AdamW.
+  cfg.name = "adamw"
+  optim.make_optimizer(cfg, PARAMS, 10, 0)
+
+
+def test_adafactor_config_names_and_edges():
+  with pytest.raises(configlib.ConfigError,
+                     match=r"config\.optim\.name='sgd'.*\('adamw', 'adafactor'\)"):
+    optim.make_optimizer(_cfg(name="sgd"), PARAMS, 10, 0)
+  cfg = _adafactor_cfg()
+  cfg.adafactor.beta1 = 0.9
+  with pytest.raises(configlib.ConfigError, match=r"config\.optim\.adafactor\.beta1 is not"):
+    optim.make_optimizer(cfg, PARAMS, 10, 0)
+  # The ends of the ranges are allowed.
+  for edges in (dict(decay_rate=1.0, momentum=0.0, clip_threshold=None),
+                dict(min_dim_size_to_factor=1, clip_threshold=1e-3)):
+    optim.make_optimizer(_adafactor_cfg(**edges), PARAMS, 10, 0)
+  assert dict(configlib.base_train_config().optim.adafactor) == optim.ADAFACTOR_DEFAULTS
+
+
+def test_adafactor_on_the_coca_tree_matches_reference():
+  # CoCa's real tree: 3-D attention kernels, a 4-D patch-embedding kernel, the token embedding
+  # and every 1-D/scalar kind, factored where two dims are >= 16.
+  config, params = _family_params("coca")
+  cfg = config.optim.copy_and_resolve_references()
+  cfg.update(dict(name="adafactor", lr=1e-3, wd=0.01, schedule="constant", clip_norm=1.0,
+                  lr_mults=[], wd_mults=[["(^|/)kernel$", 1.0]], freeze=[]))
+  cfg.adafactor.update(dict(min_dim_size_to_factor=16, momentum=0.9, clip_threshold=1.0))
+  tx, _ = optim.make_optimizer(cfg, params, total_steps=10, warmup_steps=0)
+  state = tx.init(params)
+  rng = np.random.default_rng(0)
+  grad_steps = []
+  new = params
+  for scale in (1.0, 3.0):
+    grads = jax.tree.map(lambda x: (scale * rng.normal(size=x.shape)).astype(x.dtype), params)
+    grad_steps.append(_named_leaves(grads))
+    updates, state = jax.jit(tx.update)(grads, state, new)
+    new = optax.apply_updates(new, updates)
+  names = list(_named_leaves(params))
+  expected, stats, _ = _adafactor_reference(
+      _named_leaves(params), grad_steps, schedule=lambda t: 1e-3, peak_lr=1e-3, wd=0.01,
+      clip_norm=1.0, decay_rate=0.8, min_dim=16, clip_threshold=1.0, momentum=0.9,
+      lr_mult={n: 1.0 for n in names},
+      wd_mult={n: 1.0 if n.endswith("kernel") else 0.0 for n in names})
+  assert any(np.ndim(_named_leaves(params)[n]) > 2 for n in stats)  # >2-D leaves factored
+  got = _named_leaves(new)
+  for name in names:
+    np.testing.assert_allclose(np.asarray(got[name], np.float64), expected[name], rtol=1e-4,
+                               atol=1e-6, err_msg=name)

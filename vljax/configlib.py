@@ -212,6 +212,9 @@ def base_train_config() -> ml_collections.ConfigDict:
       tfds_data_dir="",
       # Optional task-specific eval sources ("" = derived from data.eval).
       eval_zeroshot="", eval_retrieval="",
+      # A visual question answering eval set ("" = none; e.g. "synthetic?task=vqa" or
+      # "vqav2:QUESTIONS?annotations=ANNOTATIONS&images=DIR", docs/data.md).
+      eval_vqa="",
       prompt_templates=["a photo of a {}.", "a picture of a {}.", "an image of a {}.",
                         "a photo of the {}."],
       # Images: resize "warp" | "crop" | "pad"; mean/std on [0, 1] ([] = [-1, 1] range).
@@ -242,7 +245,14 @@ def base_train_config() -> ml_collections.ConfigDict:
       wd=1e-4, wd_mults=[["(^|/)kernel$", 1.0]],
       schedule="cosine", end_lr_frac=0.0, rsqrt_timescale=10_000,
       warmup_steps=None, warmup_examples=None, warmup_epochs=None,
-      freeze=[], lr_mults=[]))
+      freeze=[], lr_mults=[],
+      # Used when name="adafactor" (docs/optim.md), which ignores b1/b2/eps. beta2 at step t
+      # is 1 - (t+1)^-decay_rate; second moments of parameters whose two largest dims are both
+      # >= min_dim_size_to_factor are kept as row/column statistics; each update is scaled to
+      # an RMS of at most clip_threshold (None: off); momentum None = no first moment (PaLI),
+      # 0.9 = an EMA of the updates (CoCa).
+      adafactor=dict(decay_rate=0.8, min_dim_size_to_factor=128, clip_threshold=1.0,
+                     momentum=None, epsilon=1e-30)))
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.sharding = ml_collections.ConfigDict(dict(rules=None))  # None: vljax.sharding.DEFAULT_RULES
@@ -257,5 +267,5 @@ def base_train_config() -> ml_collections.ConfigDict:
   # max_examples: per eval set, 0 = score every example; N > 0 = a random sample of N examples
   # drawn with config.data.seed (the metrics eval/*_examples say how many were scored).
   c.eval = ml_collections.ConfigDict(dict(every_steps=5000, batch_size=512,
-                                          max_examples=dict(zeroshot=0, retrieval=0)))
+                                          max_examples=dict(zeroshot=0, retrieval=0, vqa=0)))
   return c

@@ -19,7 +19,8 @@ def _small_run(config, s: dict) -> None:
   """The data sizes, embedding width and schedule that every small preset sets alike."""
   config.data.image_size = s["image_size"]
   config.data.max_len = s["max_len"]
-  config.model.embed_dim = s["embed_dim"]
+  if "embed_dim" in s:  # the contrastive families' embedding width
+    config.model.embed_dim = s["embed_dim"]
   config.batch_size = s["batch_size"]
   config.total_steps = s["total_steps"]
   config.optim.warmup_steps = s["warmup_steps"]
@@ -71,4 +72,38 @@ def small_coca(config, scale: str) -> None:
   config.model.text = dict(width=s["width"], mlp_dim=s["mlp_dim"], num_heads=s["heads"],
                            unimodal_depth=s["unimodal"], multimodal_depth=s["multimodal"])
   config.model.num_decoder_queries = s["queries"]
+  _small_run(config, s)
+
+
+# Small PaLI sizes: the small ViT, a T5-style text model of width 128 (2 + 2 layers, or one
+# 4-layer prefix-LM stack), 16-token prompts and 24-token targets ('tiny' for tests).
+SMALL_PALI = {
+    "laptop": dict(image_size=32, patch=8, vit_width=128, vit_depth=4, vit_mlp=512,
+                   vit_heads=4, width=128, heads=4, head_dim=32, mlp_dim=256, enc_depth=2,
+                   dec_depth=2, prefix_len=16, max_len=24, batch_size=128, total_steps=800,
+                   warmup_steps=80, lr=1e-3, log_every=50, eval_every=400, ckpt_every=400),
+    "tiny": dict(image_size=16, patch=8, vit_width=32, vit_depth=1, vit_mlp=64, vit_heads=2,
+                 width=32, heads=2, head_dim=16, mlp_dim=64, enc_depth=1, dec_depth=1,
+                 prefix_len=12, max_len=8, batch_size=16, total_steps=4, warmup_steps=1,
+                 lr=1e-3, log_every=1, eval_every=-1, ckpt_every=2),
+}
+
+
+def small_pali(config, scale: str, architecture: str) -> None:
+  """Fills `config` (a base_train_config with config.tasks) with one of the SMALL_PALI sizes."""
+  if scale not in SMALL_PALI:
+    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
+                                f"{', '.join(SMALL_PALI)}.")
+  s = SMALL_PALI[scale]
+  config.model.image = dict(width=s["vit_width"], depth=s["vit_depth"], mlp_dim=s["vit_mlp"],
+                            num_heads=s["vit_heads"], patch_size=(s["patch"], s["patch"]),
+                            posemb="learn")
+  text = dict(width=s["width"], num_heads=s["heads"], head_dim=s["head_dim"],
+              mlp_dim=s["mlp_dim"])
+  if architecture == "prefix_lm":
+    text.update(depth=s["enc_depth"] + s["dec_depth"])
+  else:
+    text.update(encoder_depth=s["enc_depth"], decoder_depth=s["dec_depth"])
+  config.model.text = text
+  config.tasks.prefix_len = s["prefix_len"]
   _small_run(config, s)

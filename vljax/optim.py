@@ -1,11 +1,15 @@
-"""Optax optimizer from the config: schedule, Adam, decoupled weight decay, clipping, freezing,
-lr multipliers.
+"""Optax optimizer from the config: schedule, Adam or Adafactor, decoupled weight decay,
+clipping, freezing, lr multipliers.
 
 One step of a trainable parameter p, with g its gradient clipped to a global norm over the
 trainable parameters and s(t) = schedule(t) / cfg.lr the schedule normalised to peak 1 (warmup
 included):
 
-  p <- p - schedule(t) * lr_mult(p) * adam(g) - cfg.wd * wd_mult(p) * s(t) * p
+  p <- p - schedule(t) * lr_mult(p) * precondition(g) - cfg.wd * wd_mult(p) * s(t) * p
+
+precondition is chosen by config.optim.name: 'adamw' (optax.scale_by_adam with b1, b2, eps) or
+'adafactor' (`scale_by_adafactor`, settings in config.optim.adafactor). Everything else
+(schedule, decay, clipping, freezing, multipliers) is the same for both.
 
 This is big_vision's decoupled weight decay: the decay follows the shape of the schedule but is
 NOT multiplied by the learning rate (at peak a decayed parameter shrinks by exactly cfg.wd per
@@ -36,6 +40,10 @@ import optax
 from vljax.configlib import ConfigError
 
 SCHEDULES = ("cosine", "rsqrt", "constant", "linear")
+OPTIMIZERS = ("adamw", "adafactor")
+# config.optim.adafactor when a config leaves a key out (base_train_config sets all of them).
+ADAFACTOR_DEFAULTS = dict(decay_rate=0.8, min_dim_size_to_factor=128, clip_threshold=1.0,
+                          momentum=None, epsilon=1e-30)
 
 
 def param_path(path) -> str:
@@ -186,13 +194,82 @@ def _scale_and_decay(schedule: optax.Schedule, peak_lr: float, wd: float,
   return optax.GradientTransformation(init, update)
 
 
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def adafactor_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """config.optim.adafactor, validated and completed with ADAFACTOR_DEFAULTS.
+
+  Raises ConfigError naming the key for an unknown key or a value out of range.
+  """
+  given = cfg.get("adafactor") or {}
+  unknown = sorted(set(given.keys()) - set(ADAFACTOR_DEFAULTS))
+  if unknown:
+    raise ConfigError(f"config.optim.adafactor.{unknown[0]} is not an Adafactor setting; valid "
+                      f"keys: {', '.join(sorted(ADAFACTOR_DEFAULTS))}.")
+  settings = {**ADAFACTOR_DEFAULTS, **dict(given.items())}
+  key = "config.optim.adafactor."
+  decay_rate = settings["decay_rate"]
+  if not (_is_number(decay_rate) and 0 < decay_rate <= 1):
+    raise ConfigError(f"{key}decay_rate={decay_rate!r}; must be in (0, 1] (beta2 at step t is "
+                      f"1 - (t+1)^-decay_rate; Adafactor's default is 0.8).")
+  min_dim = settings["min_dim_size_to_factor"]
+  if isinstance(min_dim, bool) or not isinstance(min_dim, int) or min_dim < 1:
+    raise ConfigError(f"{key}min_dim_size_to_factor={min_dim!r}; must be a positive int "
+                      f"(default 128).")
+  clip = settings["clip_threshold"]
+  if clip is not None and not (_is_number(clip) and clip > 0):
+    raise ConfigError(f"{key}clip_threshold={clip!r}; must be > 0, or None to turn update "
+                      f"clipping off.")
+  momentum = settings["momentum"]
+  if momentum is not None and not (_is_number(momentum) and 0 <= momentum < 1):
+    raise ConfigError(f"{key}momentum={momentum!r}; must be in [0, 1), or None for no first "
+                      f"moment.")
+  epsilon = settings["epsilon"]
+  if not (_is_number(epsilon) and epsilon > 0):
+    raise ConfigError(f"{key}epsilon={epsilon!r}; must be > 0 (default 1e-30).")
+  return settings
+
+
+def scale_by_adafactor(decay_rate: float = 0.8, min_dim_size_to_factor: int = 128,
+                       clip_threshold: float | None = 1.0, momentum: float | None = None,
+                       epsilon: float = 1e-30) -> optax.GradientTransformation:
+  """Adafactor's preconditioner, without its learning rate or parameter scaling.
+
+  g -> g / sqrt(v), with v a running mean of g^2 + epsilon decayed by
+  beta2_t = 1 - (t+1)^-decay_rate. A parameter whose two largest dims are both
+  >= min_dim_size_to_factor keeps only the row and column means of v and uses their rank-1
+  estimate (per slice along the other dims of a >2-D parameter); others keep v in full. Then
+  each parameter's update is scaled down to an RMS of at most clip_threshold (None: off) and,
+  if `momentum` is set, replaced by an EMA (no debiasing) of the clipped updates.
+  The step size comes from the caller's schedule: no relative step, no parameter-scale factor.
+  """
+  parts = [optax.scale_by_factored_rms(factored=True, decay_rate=decay_rate,
+                                       min_dim_size_to_factor=min_dim_size_to_factor,
+                                       epsilon=epsilon)]
+  if clip_threshold is not None:
+    parts.append(optax.clip_by_block_rms(clip_threshold))
+  if momentum:
+    # momentum=0 is the identity; skipping it saves a full-size buffer per parameter.
+    parts.append(optax.ema(momentum, debias=False))
+  return optax.chain(*parts)
+
+
+def _preconditioner(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  if cfg.name == "adafactor":
+    return scale_by_adafactor(**adafactor_settings(cfg))
+  return optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int,
                    warmup_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimizer for a (possibly abstract) param tree. Returns (tx, lr schedule)."""
-  if cfg.name != "adamw":
-    raise ConfigError(f"config.optim.name={cfg.name!r}; only 'adamw' is implemented.")
+  if cfg.name not in OPTIMIZERS:
+    raise ConfigError(f"config.optim.name={cfg.name!r}; choose one of {OPTIMIZERS}.")
   if cfg.wd < 0:
     raise ConfigError(f"config.optim.wd={cfg.wd} is negative.")
+  preconditioner = _preconditioner(cfg)  # validates the optimizer's own settings first
   schedule = make_schedule(cfg, total_steps, warmup_steps)
   _, all_names = _names(params)
   frozen = frozen_mask(cfg, params)
@@ -204,7 +281,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int
   if cfg.clip_norm:
     # Inside the "train" branch, so the norm is that of the trainable parameters' gradient.
     chain.append(optax.clip_by_global_norm(cfg.clip_norm))
-  chain.append(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps))
+  chain.append(preconditioner)
   chain.append(_scale_and_decay(schedule, cfg.lr, cfg.wd, lr_mult, wd_mult))
   trainable = optax.chain(*chain)
   labels = jax.tree.map(lambda f: "frozen" if f else "train", frozen)

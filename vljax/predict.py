@@ -6,12 +6,14 @@ Library:
 
 Command line (a thin wrapper over the library):
   python -m vljax.predict --workdir=DIR [--labels="red circle,blue square"] IMAGE...
+  python -m vljax.predict --workdir=DIR --prompt="answer en what colour is the shape?" IMAGE...
 
 Images go through exactly the evaluation preprocessing of the run that is loaded (its
 config.data: image size, resize mode, mean/std), and zero-shot labels use the run's prompt
 templates (config.data.prompt_templates) averaged per class, and its learned logit scale, as
-zero-shot evaluation does. Caption: objectives that generate (CoCa); labels: objectives with
-contrastive heads (SigLIP, CLIP, CoCa). Decoding is greedy unless beam_size > 1 or
+zero-shot evaluation does. Caption: objectives that generate (CoCa, PaLI); labels: objectives
+with contrastive heads (SigLIP, CLIP, CoCa); a prompt (PaLI: "caption en", "answer en
+{question}") conditions the generated text, for objectives that take one. Decoding is greedy unless beam_size > 1 or
 temperature > 0 (sampling, with top_k / top_p).
 """
 from __future__ import annotations
@@ -39,6 +41,8 @@ TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sample with this temperatu
 TOP_K = flags.DEFINE_integer("top_k", 0, "Sampling: keep the k most likely tokens (0 = all).")
 TOP_P = flags.DEFINE_float("top_p", 1.0, "Sampling: nucleus mass.")
 SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+PROMPT = flags.DEFINE_string("prompt", "", "Text prompt the generated text follows (objectives "
+                             "with prompts, e.g. PaLI: 'answer en what colour is the shape?').")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,18 +86,22 @@ class Predictor:
       return common.embed_all(fn, self.params, inputs, self.mesh,
                               max(len(inputs), self.mesh.size))
 
-  def captions(self, images, options: DecodeOptions = DecodeOptions()) -> list[str]:
-    """One caption per preprocessed image (objectives with `generate`)."""
+  def captions(self, images, options: DecodeOptions = DecodeOptions(),
+               prompt: str | None = None) -> list[str]:
+    """One generated text per preprocessed image (objectives with `generate`): a caption, or
+    the text that follows `prompt` (objectives with prompts, which are given to every image)."""
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from vljax import decode  # pylint: disable=g-import-not-at-top
     objective = self.objective
     max_len = options.max_len or self.config.data.max_len
+    if prompt and not hasattr(objective, "encode_prefixes"):
+      raise ValueError(f"{type(objective).__name__} takes no text prompt.")
 
-    def generate(params, x):
+    def generate(params, x, *prefix):
       if options.beam_size <= 1 and options.temperature <= 0:
-        return objective.generate(params, x, max_len)
-      state = objective.init_decode_state(params, x, max_len)
+        return objective.generate(params, x, max_len, *prefix)
+      state = objective.init_decode_state(params, x, max_len, *prefix)
       start = objective.start_tokens(x.shape[0])
       step = objective.step_fn(params)
       if options.beam_size > 1:
@@ -105,7 +113,10 @@ class Predictor:
                            jax.random.key(options.seed), temperature=options.temperature,
                            top_k=options.top_k, top_p=options.top_p, pad_id=objective.pad_id)
 
-    tokens = np.asarray(self._batched(jax.jit(generate), images))
+    inputs = images
+    if prompt:
+      inputs = (images, np.repeat(objective.encode_prefixes([prompt]), len(images), axis=0))
+    tokens = np.asarray(self._batched(jax.jit(generate), inputs))
     return [self.tokenizer.decode(row) for row in tokens]
 
   def label_probabilities(self, images, labels: Sequence[str],
@@ -131,13 +142,15 @@ class Predictor:
 
   def predict(self, paths: Sequence[str], labels: Sequence[str] | None = None, *,
               templates: Sequence[str] | None = None, top: int = 3,
-              decode_options: DecodeOptions = DecodeOptions()) -> list[dict[str, Any]]:
-    """Per image path: {'path', 'caption' (if generative), 'labels' [(name, prob)] (if asked)}."""
+              decode_options: DecodeOptions = DecodeOptions(),
+              prompt: str | None = None) -> list[dict[str, Any]]:
+    """Per image path: {'path', 'caption' (if generative; the text after `prompt` if one is
+    given), 'labels' [(name, prob)] (if asked)}."""
     import numpy as np  # pylint: disable=g-import-not-at-top
     images = self.load_images(paths)
     results = [{"path": p} for p in paths]
     if hasattr(self.objective, "generate"):
-      for r, caption in zip(results, self.captions(images, decode_options)):
+      for r, caption in zip(results, self.captions(images, decode_options, prompt)):
         r["caption"] = caption
     if labels:
       if not hasattr(self.objective, "embed_images"):
@@ -193,11 +206,17 @@ def main(argv: list[str]) -> None:
   options = DecodeOptions(max_len=MAX_LEN.value or None, beam_size=BEAM_SIZE.value,
                           alpha=ALPHA.value, temperature=TEMPERATURE.value, top_k=TOP_K.value,
                           top_p=TOP_P.value, seed=SEED.value)
-  for r in predictor.predict(paths, LABELS.value, templates=TEMPLATES.value or None,
-                             top=TOP.value, decode_options=options):
+  try:
+    results = predictor.predict(paths, LABELS.value, templates=TEMPLATES.value or None,
+                                top=TOP.value, decode_options=options,
+                                prompt=PROMPT.value or None)
+  except ValueError as e:
+    print(f"Error: {e}", file=sys.stderr)
+    sys.exit(2)
+  for r in results:
     print(r["path"])
     if "caption" in r:
-      print(f"  caption: {r['caption']}")
+      print(f"  {PROMPT.value or 'caption'}: {r['caption']}")
     for name, p in r.get("labels", []):
       print(f"  {p:6.3f}  {name}")
 

@@ -149,14 +149,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def global_batch_from_host(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch_from_host(batch: Mapping[str, np.ndarray], mesh: Mesh,
+                           shardings: Mapping[str, NamedSharding] | None = None
+                           ) -> dict[str, jax.Array]:
   """Assembles per-process numpy batches into global arrays sharded over the batch axes.
 
-  Each process passes its own slice of the global batch (process-major order).
+  Each process passes its own slice of the global batch (process-major order). `shardings`
+  (e.g. the train step's declared input shardings) overrides the default of each key.
   """
   out = {}
   for key, value in batch.items():
     value = np.asarray(value)
-    sharding = batch_sharding(mesh, value.ndim)
+    sharding = (shardings or {}).get(key) or batch_sharding(mesh, value.ndim)
     out[key] = jax.make_array_from_process_local_data(sharding, value)
   return out

@@ -43,9 +43,14 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @flax.struct.dataclass
 class TrainState:
+  """What one step reads and writes; everything in it is sharded and checkpointed.
+
+  `extra` is the objective's non-gradient state (vljax.objectives.base): {} for most families.
+  """
   step: jax.Array
   params: Any
   opt_state: Any
+  extra: Any
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int) -> dict:
@@ -66,6 +71,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     raise ConfigError(f"config.dtype={config.dtype!r}; choose one of {sorted(DTYPES)}.")
   if config.log_every_steps <= 0:
     raise ConfigError(f"config.log_every_steps={config.log_every_steps} must be positive.")
+  if not config.data.train:
+    raise ConfigError("config.data.train is empty: name a training source, e.g. "
+                      "--config.data.train=webdataset:/data/shards/{00000..01242}.tar "
+                      "(docs/data.md).")
   if config.data.max_len <= 0 or config.data.image_size <= 0:
     raise ConfigError("config.data.max_len and config.data.image_size must be positive.")
   if config.checkpoint.get("on_restore_error", "stop") not in ckpt_lib.ON_RESTORE_ERROR:
@@ -118,48 +127,93 @@ class Setup:
   total_steps: int
   frozen: Any  # pytree of bools like the params: True = locked (config.optim.freeze)
   image_options: preprocess.ImageOptions  # how the step turns uint8 pixels into model inputs
+  batch_fields: dict[str, Any]  # the objective's declared batch (objectives.base.BatchField)
+  batch_shardings: dict[str, NamedSharding]
+  init_extra_fn: Callable[[Any], Any]  # params -> extra state, in its sharded layout
+
+
+def _batch_shardings(fields: dict[str, Any], mesh: Mesh, rules) -> dict[str, NamedSharding]:
+  """The input sharding of each declared batch field, from its logical axes."""
+  out = {}
+  for name, field in fields.items():
+    spec = nn.logical_to_mesh_axes(field.logical_axes(), rules)
+    out[name] = NamedSharding(mesh, spec)
+  return out
+
+
+def batch_dummy(fields: dict[str, Any], batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of a batch as the objective sees it (pixels already normalised to float32)."""
+  return {name: jax.ShapeDtypeStruct((batch_size,) + tuple(f.shape), f.model_dtype())
+          for name, f in fields.items()}
+
+
+def batch_on_host_shapes(fields: dict[str, Any], batch_size: int,
+                         shardings: dict[str, NamedSharding] | None = None
+                         ) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of a batch as it crosses to the device (the step's compile-time arguments)."""
+  shardings = shardings or {}
+  return {name: jax.ShapeDtypeStruct((batch_size,) + tuple(f.shape), f.dtype,
+                                     sharding=shardings.get(name))
+          for name, f in fields.items()}
 
 
 def build(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh,
-          epoch_size: int | None) -> Setup:
-  """Builds objective, optimizer and the sharded-state plan (nothing is allocated yet)."""
+          epoch_size: int | None, objective=None) -> Setup:
+  """Builds objective, optimizer and the sharded-state plan (nothing is allocated yet).
+
+  `objective` overrides the one config.objective names (tests plug in their own).
+  """
   rules = sharding.rules_from_config(config.sharding.rules)
-  objective = make_objective(config, tokenizer)
+  if objective is None:
+    objective = make_objective(config, tokenizer)
   total_steps = configlib.steps_for(config, "total", config.batch_size, epoch_size)
   warmup_steps = configlib.steps_for(config.optim, "warmup", config.batch_size, epoch_size)
   if total_steps <= 0:
     raise ConfigError(f"Training is {total_steps} steps long; raise config.total_*.")
+  fields = objective.batch_fields()
   # Parameter shapes do not depend on the batch; one row per device keeps the batch-sharding
   # constraints inside the model evenly divisible while it is initialised.
-  dummy = {
-      "image": jax.ShapeDtypeStruct(
-          (mesh.size, config.data.image_size, config.data.image_size, 3), jnp.float32),
-      "text": jax.ShapeDtypeStruct((mesh.size, config.data.max_len), jnp.int32),
-  }
-  init_rng = jax.random.key(0)
+  dummy = batch_dummy(fields, mesh.size)
+  zeros = lambda: {k: jnp.zeros(v.shape, v.dtype) for k, v in dummy.items()}
+
+  def init_boxed(rng):
+    params_rng, extra_rng = jax.random.split(rng)
+    params = objective.init(params_rng, zeros())
+    return params, objective.init_extra(extra_rng, params, zeros())
+
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(objective.init, init_rng, dummy)
+    boxed, boxed_extra = jax.eval_shape(init_boxed, jax.random.key(0))
   param_shardings = sharding.logical_to_shardings(boxed, mesh, rules)
+  extra_shardings = sharding.logical_to_shardings(boxed_extra, mesh, rules)
   abstract_params = nn.meta.unbox(boxed)
+  abstract_extra = nn.meta.unbox(boxed_extra)
   tx, schedule = optim.make_optimizer(config.optim, abstract_params, total_steps, warmup_steps)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   state_shardings = TrainState(
       step=NamedSharding(mesh, P()), params=param_shardings,
-      opt_state=_opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh))
+      opt_state=_opt_state_shardings(abstract_opt, abstract_params, param_shardings, mesh),
+      extra=extra_shardings)
 
   def init_fn(rng):
-    params = nn.meta.unbox(objective.init(rng, {k: jnp.zeros(v.shape, v.dtype)
-                                                for k, v in dummy.items()}))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    params, extra = nn.meta.unbox(init_boxed(rng))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      extra=extra)
+
+  def init_extra_fn(params):
+    # The same key init_boxed gives the extra state, so a fresh run's extra state equals what
+    # init_fn made; only what depends on the (loaded) params differs.
+    extra_rng = jax.random.split(jax.random.key(config.seed))[1]
+    return nn.meta.unbox(objective.init_extra(extra_rng, params, zeros()))
 
   abstract_state = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-                 opt_state=abstract_opt), state_shardings)
+                 opt_state=abstract_opt, extra=abstract_extra), state_shardings)
   image_options = preprocess.image_options_from_config(config.data, config.data.image_size,
                                                        train=True)
   return Setup(mesh, rules, objective, tx, schedule, state_shardings, abstract_state, init_fn,
-               total_steps, optim.frozen_mask(config.optim, abstract_params), image_options)
+               total_steps, optim.frozen_mask(config.optim, abstract_params), image_options,
+               fields, _batch_shardings(fields, mesh, rules), init_extra_fn)
 
 
 def init_state(setup: Setup, seed: int) -> TrainState:
@@ -211,44 +265,53 @@ def normalize_on_device(pixels: jax.Array, brightness: jax.Array,
   return out
 
 
+def model_inputs(batch: dict[str, jax.Array], fields: dict[str, Any],
+                 image_options: preprocess.ImageOptions) -> dict[str, jax.Array]:
+  """The device batch as the objective sees it: declared pixel fields normalised to float32
+  (their brightness fields consumed), everything else as it arrived."""
+  batch = dict(batch)
+  for name, field in fields.items():
+    if field.pixels_with:
+      batch[name] = normalize_on_device(batch[name], batch.pop(field.pixels_with),
+                                        image_options)
+  return batch
+
+
 def make_train_step(setup: Setup, nan_policy: str = "stop") -> Callable:
   """The jitted train_step(state, batch, rng) -> (state, metrics), with donated state.
 
-  The batch carries 'image' as uint8 pixels and 'brightness' deltas; the step normalises them
-  (normalize_on_device) before the objective sees 'image'.
+  The batch holds the objective's declared fields (pixels as uint8, normalised here). After the
+  optimizer update the objective updates its non-gradient state (update_extra), once per step.
   """
   objective, tx, schedule = setup.objective, setup.tx, setup.schedule
-  frozen, image_options = setup.frozen, setup.image_options
+  frozen, image_options, fields = setup.frozen, setup.image_options, setup.batch_fields
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
-    batch = dict(batch)
-    batch["image"] = normalize_on_device(batch["image"], batch.pop("brightness"),
-                                         image_options)
+    batch = model_inputs(batch, fields, image_options)
     step_rng = jax.random.fold_in(rng, state.step)
-    (loss, aux), grads = value_and_trainable_grad(objective.loss_fn, state.params, frozen,
-                                                  batch, step_rng)
+    (loss, (aux, outputs)), grads = value_and_trainable_grad(
+        lambda p, e, b, r: objective.loss_with_extra(p, e, b, r), state.params, frozen,
+        state.extra, batch, step_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    extra = objective.update_extra(state.extra, params, outputs, state.step)
     # Frozen gradients are zeros: the norm is that of the trained parameters' gradient.
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if nan_policy == "skip":
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
       params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+      extra = keep(extra, state.extra)
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                "train/lr": schedule(state.step), "train/finite": finite,
                "train/param_norm": optax.tree.norm(params)}
     metrics.update({f"train/{k}": v for k, v in aux.items()})
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
+    return new_state, metrics
 
-  batch_shardings = {
-      "image": sharding.batch_sharding(setup.mesh, 4),
-      "brightness": sharding.batch_sharding(setup.mesh, 1),
-      "text": sharding.batch_sharding(setup.mesh, 2),
-      "label": sharding.batch_sharding(setup.mesh, 1),
-  }
   replicated = NamedSharding(setup.mesh, P())
-  return jax.jit(train_step, in_shardings=(setup.state_shardings, batch_shardings, replicated),
+  return jax.jit(train_step,
+                 in_shardings=(setup.state_shardings, setup.batch_shardings, replicated),
                  out_shardings=(setup.state_shardings, replicated), donate_argnums=(0,))
 
 
@@ -263,18 +326,12 @@ class StepCost:
   flops: float | None = None  # per device, XLA cost analysis (counts a loop body once)
 
 
-def compile_step(setup: Setup, step_fn: Callable, batch_size: int, image_size: int,
-                 max_len: int):
-  """Compiles the step ahead of the loop and logs XLA's memory analysis.
+def compile_step(setup: Setup, step_fn: Callable, batch_size: int):
+  """Compiles the step for the objective's declared batch and logs XLA's memory analysis.
 
   Returns (compiled step, StepCost).
   """
-  batch = {
-      "image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8),
-      "brightness": jax.ShapeDtypeStruct((batch_size,), jnp.float32),
-      "text": jax.ShapeDtypeStruct((batch_size, max_len), jnp.int32),
-      "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-  }
+  batch = batch_on_host_shapes(setup.batch_fields, batch_size)
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
   start = time.time()
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
@@ -304,8 +361,7 @@ def compile_step(setup: Setup, step_fn: Callable, batch_size: int, image_size: i
 def compiled_step_flops(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh) -> float | None:
   """XLA's cost-analysis FLOPs of `config`'s compiled train step on `mesh` (nothing runs)."""
   setup = build(config, tokenizer, mesh, epoch_size=None)
-  _, cost = compile_step(setup, make_train_step(setup), config.batch_size,
-                         config.data.image_size, config.data.max_len)
+  _, cost = compile_step(setup, make_train_step(setup), config.batch_size)
   return cost.flops
 
 
@@ -339,8 +395,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str,
     config = configlib.apply_overrides(config.copy_and_resolve_references(),
                                        ["optim.warmup_steps=0"])
   setup = build(config, tokenizer, mesh, epoch_size=None)
-  _, cost = compile_step(setup, make_train_step(setup), config.batch_size,
-                         config.data.image_size, config.data.max_len)
+  _, cost = compile_step(setup, make_train_step(setup), config.batch_size)
   params = jax.tree.leaves(setup.abstract_state.params)
   frozen = jax.tree.leaves(setup.frozen)
   report = {
@@ -375,8 +430,9 @@ def train_source(config):
                             config.data.seed, config.data)
 
 
-def make_iterator(config, source, tokenizer):
-  """This process's checkpointable iterator of training batches (with '_'-prefixed extras)."""
+def make_iterator(config, source, tokenizer, objective):
+  """This process's checkpointable iterator of training batches (with '_'-prefixed extras),
+  collated into the objective's declared fields (objective.batch_from_examples)."""
   data = config.data
   return data_pipeline.make_train_iterator(
       source, tokenizer, batch_size=config.batch_size // jax.process_count(),
@@ -386,7 +442,8 @@ def make_iterator(config, source, tokenizer):
       image_options=preprocess.image_options_from_config(data, data.image_size, train=True),
       text_options=preprocess.TextOptions(lowercase=bool(data.get("lowercase", False)),
                                           canonicalize=bool(data.get("canonicalize", False))),
-      normalize=False)  # uint8 to the device; the step normalises (normalize_on_device)
+      normalize=False,  # uint8 to the device; the step normalises (normalize_on_device)
+      fields_fn=objective.batch_from_examples)
 
 
 def make_evaluator(config, objective, tokenizer, mesh, rules):
@@ -409,7 +466,12 @@ def run_tokenizer(config: ml_collections.ConfigDict, directory: str | None = Non
     if path and not os.path.exists(path):
       raise ConfigError(f"config.tokenizer.path={path!r}: no such file. Name a sentencepiece "
                         f".model file (docs/tokenizer.md).")
-    return tokenizer_lib.get_tokenizer(path or None)
+    # On the synthetic data, a run that asks synthetic questions (synthetic?task=vqa) gets the
+    # synthetic tokenizer that knows them; every other run the caption-only one.
+    return tokenizer_lib.get_tokenizer(
+        path or None, synthetic_vqa=not path and any(
+            tokenizer_lib.uses_synthetic_vqa(config.data.get(key) or "")
+            for key in ("train", "eval", "eval_vqa")))
   if path and os.path.exists(path):
     with open(path, "rb") as f:
       if f.read() != saved.serialized_model:
@@ -490,7 +552,10 @@ def _restore_or_init(config, setup: Setup, checkpointer, iterator):
   if config.init.get("path"):
     from vljax import init_weights  # pylint: disable=g-import-not-at-top
     params, loaded = init_weights.load_initial_params(config.init, state.params)
-    state = state.replace(params=params)
+    # State derived from the weights (a momentum copy) starts from the loaded ones.
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+      extra = jax.jit(setup.init_extra_fn, out_shardings=setup.state_shardings.extra)(params)
+    state = state.replace(params=params, extra=extra)
     frozen = set(optim.param_path(p) for p, f in
                  jax.tree_util.tree_flatten_with_path(setup.frozen)[0] if f)
     unloaded_frozen = sorted(frozen - set(loaded))
@@ -523,7 +588,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   ckpt_lib.write_tokenizer(workdir, tokenizer)
   checkpointer = ckpt_lib.Checkpointer(workdir, config.checkpoint.every_steps,
                                        config.checkpoint.keep, config.checkpoint.async_save)
-  iterator = make_iterator(config, source, tokenizer)
+  iterator = make_iterator(config, source, tokenizer, setup.objective)
   start_step, state = _restore_or_init(config, setup, checkpointer, iterator)
   writer = metrics_lib.MetricWriter(workdir, tensorboard=config.tensorboard,
                                     resumed_from=start_step if start_step else None)
@@ -534,8 +599,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                n_params / 1e6, n_frozen / 1e6, total)
 
   step_fn = make_train_step(setup, config.nan_policy)
-  compiled, cost = compile_step(setup, step_fn, config.batch_size, config.data.image_size,
-                                config.data.max_len)
+  compiled, cost = compile_step(setup, step_fn, config.batch_size)
   flops = cost.flops
   rng = jax.random.key(config.seed + 1)
 
@@ -559,14 +623,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
       for step in range(start_step + 1, total + 1):
         host_batch = next(iterator)
-        # Data-only keys ('_skipped', ...) stay on the host; the step sees image (uint8),
-        # brightness, text and label.
+        # Data-only keys ('_skipped', ...) stay on the host; the step sees the objective's
+        # declared fields.
         skipped_records += int(host_batch.pop("_skipped", 0))
         skipped_sample.extend(host_batch.pop("_skipped_keys", ()))
         del skipped_sample[:-8]
         for key in [k for k in host_batch if k.startswith("_")]:
           del host_batch[key]
-        batch = sharding.global_batch_from_host(host_batch, mesh)
+        batch = sharding.global_batch_from_host(host_batch, mesh, setup.batch_shardings)
         state, step_metrics = compiled(state, batch, rng)
         if pending is not None:
           check_finite(pending)

@@ -7,6 +7,8 @@ config.data.eval names one source used for everything it can serve:
   anything else   retrieval (records sharing an image, or a record with a list of
                   captions, give several captions per image)
 config.data.eval_zeroshot / eval_retrieval, when set, name the source of that task instead.
+config.data.eval_vqa, when set, names a visual question answering set (a jsonl with questions
+and answers, vqav2 with annotations, synthetic?task=vqa); no other source serves VQA.
 
 Every set is scored whole unless `max_examples` (config.eval.max_examples) caps it: then a
 random sample of that many records, drawn with config.data.seed, is read (`sample_indices`),
@@ -24,7 +26,7 @@ import numpy as np
 from vljax.configlib import ConfigError
 from vljax.data import pipeline, preprocess, sources
 
-TASKS = ("zeroshot", "retrieval")
+TASKS = ("zeroshot", "retrieval", "vqa")
 
 
 def _get(data_config, key: str, default: Any = None) -> Any:
@@ -48,18 +50,25 @@ def sample_indices(num_records: int, max_examples: int, seed: int) -> np.ndarray
   return np.sort(order[:max_examples])
 
 
-def _load(data_config, spec: str, tokenizer, require_caption: bool, max_examples: int):
+def _load(data_config, spec: str, tokenizer, require_caption: bool, max_examples: int,
+          vqa: bool = False):
+  """(source, load_eval_data's dict); `vqa`: records need a question and answers instead."""
   if "|" in spec:
     raise ConfigError(f"Evaluation data cannot be a mixture: {spec!r}.")
   source = sources.get_source(spec, "heldout", data_config.image_size, data_config.seed,
                               data_config)
+  if vqa and getattr(source, "has_answers", True) is False:
+    raise ConfigError(f"VQA eval source {spec!r} (config.data.eval_vqa) has no answers to "
+                      f"score against; add ?annotations=v2_mscoco_<subtype>_annotations.json "
+                      f"(questions without answers serve prediction only).")
   indices = sample_indices(len(source), max_examples, data_config.seed)
   data = pipeline.load_eval_data(
       source, tokenizer, image_size=data_config.image_size, max_len=data_config.max_len,
       indices=indices, normalize=False,
       image_options=preprocess.image_options_from_config(data_config, data_config.image_size,
                                                          train=False),
-      text_options=_text_options(data_config), require_caption=require_caption)
+      text_options=_text_options(data_config), require_caption=require_caption,
+      require_question=vqa, require_answers=vqa)
   sampled = "every record" if indices is None else (
       f"a random sample of {len(indices)} (seed {data_config.seed})")
   logging.info("Eval source %s: %d usable examples of %d records (%s), %d bad skipped.",
@@ -119,8 +128,28 @@ def retrieval_set(data_config, spec: str, tokenizer, max_examples: int = 0) -> d
   return {**group_captions(data), **_bookkeeping(spec, data)}
 
 
+def vqa_set(data_config, spec: str, tokenizer, max_examples: int = 0) -> dict[str, Any]:
+  """{'image' (uint8 [N, H, W, 3]), 'question' ([str] * N, cleaned like training's),
+  'answers' ([[str]] * N, the human answers), 'answer_type' ([str] * N, '' when unknown),
+  'record_index', 'image_options', 'spec', 'skipped'}.
+
+  One row per question. Records without a usable question or without answers are bad:
+  skipped and counted in 'skipped'. Questions about the same image each decode it again
+  (VQAv2 has ~5 per image): simpler than grouping, and a capped sample rarely repeats one.
+
+  Raises:
+    ConfigError: a mixture, or a question file read without answers (vqav2 without
+      ?annotations=).
+  """
+  _, data = _load(data_config, spec, tokenizer, require_caption=False,
+                  max_examples=max_examples, vqa=True)
+  return {"image": data["image"], "question": data["question"], "answers": data["answers"],
+          "answer_type": data["answer_type"], "record_index": data["record_index"],
+          **_bookkeeping(spec, data)}
+
+
 def _caps(eval_config: Mapping[str, Any] | None) -> dict[str, int]:
-  """{'zeroshot': N, 'retrieval': N} from config.eval.max_examples (0 = the whole set)."""
+  """{'zeroshot': N, 'retrieval': N, 'vqa': N} from config.eval.max_examples (0 = whole set)."""
   given = eval_config.get("max_examples") if eval_config is not None else None
   caps = {task: 0 for task in TASKS}
   for task, value in (dict(given) if given else {}).items():
@@ -133,20 +162,23 @@ def _caps(eval_config: Mapping[str, Any] | None) -> dict[str, int]:
 
 def load_eval_sets(data_config: ml_collections.ConfigDict, tokenizer,
                    eval_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """The zero-shot and/or retrieval sets the config names.
+  """The zero-shot, retrieval and VQA sets the config names.
 
   Args:
     data_config: config.data (sources, image and text options, seed of the samples).
     tokenizer: the model's tokenizer.
-    eval_config: config.eval; its max_examples {'zeroshot': N, 'retrieval': N} caps each set to
-      a random sample of N records drawn with data_config.seed (0 or missing = the whole set).
-      None = every set whole.
+    eval_config: config.eval; its max_examples {'zeroshot': N, 'retrieval': N, 'vqa': N} caps
+      each set to a random sample of N records drawn with data_config.seed (0 or missing = the
+      whole set). None = every set whole.
   """
   caps = _caps(eval_config)
   spec = _get(data_config, "eval", "")
   zs_spec = _get(data_config, "eval_zeroshot", "")
   rt_spec = _get(data_config, "eval_retrieval", "")
+  vqa_spec = _get(data_config, "eval_vqa", "")
   out: dict[str, Any] = {}
+  if vqa_spec:
+    out["vqa"] = vqa_set(data_config, vqa_spec, tokenizer, caps["vqa"])
   if spec == "synthetic" and not zs_spec and not rt_spec and (
       caps["zeroshot"] == caps["retrieval"]):
     # The same held-out images serve both tasks (one caption per image); the evaluator embeds
@@ -154,14 +186,17 @@ def load_eval_sets(data_config: ml_collections.ConfigDict, tokenizer,
     source, data = _load(data_config, spec, tokenizer, require_caption=True,
                          max_examples=caps["zeroshot"])
     kept = {**_bookkeeping(spec, data), "record_index": data["record_index"]}
-    return {
+    out.update({
         "zeroshot": {"image": data["image"], "label": data["label"],
                      "class_prompts": sources.class_prompts(spec), **kept},
         "retrieval": {"image": data["image"], "captions": data["caption"],
                       "caption_image": None, **kept},
-    }
+    })
+    return out
   if spec and not (zs_spec or rt_spec):
-    kind = spec.partition(":")[0]
+    # The kind without options ('synthetic?task=vqa' is synthetic); a mixture is refused by
+    # _load.
+    kind = sources.parse_spec(spec)[0] if "|" not in spec else ""
     if kind in ("imagefolder", "synthetic"):
       zs_spec = spec
     if kind == "synthetic":

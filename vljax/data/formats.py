@@ -8,13 +8,24 @@ Every reader has `__len__` and `__getitem__(index)` returning a *raw record*:
    'label': int,            # -1 when the source has none
    'image_id': str}         # records sharing an image share this id
 
+Visual question answering records (jsonl with a question field, vqav2, synthetic?task=vqa)
+also carry
+
+   'question': str | bytes  # asked about the image
+   'answers': list[str]     # the human answers (VQAv2: 10, repeats kept); [] when unknown
+   'answer_type': str       # optional: VQAv2's 'yes/no' | 'number' | 'other'
+   'question_id': int       # optional: VQAv2's id (the record's key is its str)
+
+and may have no caption at all: a record is usable with a caption or a question. Which of
+the two a decoded example has decides its task (vljax.data.pipeline).
+
 Readers never decode images and never raise on a bad record once
 constructed: a record that cannot be read is returned with an 'error' entry
 (see `SafeSource`), and the preprocessing step skips and counts it. A reader
 that finds nothing at all (a glob matching no file, an empty file) raises
 `EmptySourceError` at construction, naming the path; one whose named fields
 cannot exist (a CSV header without the image column, jsonl records none of
-which has the caption field) raises `ConfigError` naming the fields it has.
+which has a caption or a question field) raises `ConfigError` naming the fields it has.
 """
 from __future__ import annotations
 
@@ -302,7 +313,8 @@ class _TableSource:
   """
 
   def __init__(self, path: str, rows: list[Any], image_key: str,
-               caption_key: str, label_key: str):
+               caption_key: str, label_key: str, question_key: str | None = None,
+               answers_key: str | None = None):
     if not rows:
       raise EmptySourceError(f'No records in {path!r} (empty file?).')
     self.path = path
@@ -310,6 +322,8 @@ class _TableSource:
     self.rows = rows
     self.image_key, self.caption_key, self.label_key = (
         image_key, caption_key, label_key)
+    # None: the format has no question/answers fields (csv).
+    self.question_key, self.answers_key = question_key, answers_key
 
   def __len__(self) -> int:
     return len(self.rows)
@@ -336,10 +350,45 @@ class _TableSource:
     with open(image_path, 'rb') as f:
       image = f.read()
     label = row.get(self.label_key)
-    return {'key': f'{key} ({rel})', 'image': image,
-            'caption': row.get(self.caption_key),
-            'label': int(label) if label not in (None, '') else -1,
-            'image_id': str(rel)}
+    record = {'key': f'{key} ({rel})', 'image': image,
+              'caption': row.get(self.caption_key),
+              'label': int(label) if label not in (None, '') else -1,
+              'image_id': str(rel)}
+    if self.question_key is not None and self.question_key in row:
+      record['question'] = row[self.question_key]
+    if self.answers_key is not None and self.answers_key in row:
+      record['answers'] = answer_list(row[self.answers_key])
+      if isinstance(row.get('answer_type'), str):  # VQAv2-style rows: per-type accuracy
+        record['answer_type'] = row['answer_type']
+    return record
+
+
+def answer_list(answers: Any) -> list[str]:
+  """A record's answers as a list of str.
+
+  Takes a list of strings, a list of {"answer": STR, ...} objects (VQAv2's annotation layout),
+  a single string (one answer) or None (no answers: []). Anything else raises ValueError,
+  which makes the record a bad one.
+  """
+  if answers is None:
+    return []
+  if isinstance(answers, (str, bytes)):
+    answers = [answers]
+  if not isinstance(answers, (list, tuple)):
+    raise ValueError(f'answers must be a list of strings or of {{"answer": ...}} objects, '
+                     f'got {type(answers).__name__}')
+  out = []
+  for item in answers:
+    if isinstance(item, dict):
+      if 'answer' not in item:
+        raise ValueError(f'an answer object without an "answer" field: {item!r:.80}')
+      item = item['answer']
+    if isinstance(item, bytes):
+      item = item.decode('utf-8')
+    if not isinstance(item, str):
+      raise ValueError(f'an answer is {type(item).__name__}, not a string: {item!r:.80}')
+    out.append(item)
+  return out
 
 
 def _fields_to_check(image_key: str, caption_key: str, label_key: str,
@@ -360,11 +409,27 @@ def _missing_field_error(kind: str, path: str, option: str, name: str,
 
 
 class JsonLines(_TableSource):
-  """`jsonl:PATH`: one JSON object per line, e.g. {"image": "a.jpg", "caption": "..."}."""
+  """`jsonl:PATH`: one JSON object per line, e.g. {"image": "a.jpg", "caption": "..."}.
+
+  VQA rows carry a question and its answers instead of (or besides) a caption:
+  {"image": "a.jpg", "question": "what is it?", "answers": ["a dog", ...]}; answers may also be
+  VQAv2 annotation objects [{"answer": "a dog", ...}, ...] (see `answer_list`).
+  """
 
   def __init__(self, path: str, image_key: str = 'image',
                caption_key: str = 'caption', label_key: str = 'label',
-               require_label: bool = False):
+               require_label: bool = False, question_key: str = 'question',
+               answers_key: str = 'answers', named: tuple[str, ...] = ()):
+    """Reads the file.
+
+    Args:
+      path: the jsonl file (a glob: its first match).
+      image_key, caption_key, label_key, question_key, answers_key: the field names.
+      require_label: the label field must exist (the spec named it); same as 'label' in
+        `named`.
+      named: the options the spec named ('caption', 'question', ...): each of those fields
+        must exist. Whatever is named, the records need a caption or a question field.
+    """
     path = expand_paths(path)[0]
     rows = []
     with open(path, 'rb') as f:
@@ -375,19 +440,31 @@ class JsonLines(_TableSource):
           rows.append((line_no, json.loads(line)))
         except ValueError as e:  # keep the row: it is counted when read
           rows.append((line_no, ValueError(f'invalid JSON line: {e}')))
-    super().__init__(path, rows, image_key, caption_key, label_key)
+    super().__init__(path, rows, image_key, caption_key, label_key, question_key,
+                     answers_key)
     # Records may omit a field now and then (bad records), but when none of
     # the first ones has it, the field name is wrong: every record would be
     # skipped, so say so now.
     objects = [r for _, r in rows[:_FIELD_SCAN] if isinstance(r, dict)]
-    if objects:
-      for option, name in _fields_to_check(image_key, caption_key, label_key,
-                                           require_label):
-        if not any(name in r for r in objects):
-          have = sorted({k for r in objects for k in r})
-          raise _missing_field_error(
-              'jsonl', path, option, name,
-              f'each of the first {len(objects)} records', have)
+    if not objects:
+      return
+    have = sorted({k for r in objects for k in r})
+    where = f'each of the first {len(objects)} records'
+    keys = {'image': image_key, 'caption': caption_key, 'label': label_key,
+            'question': question_key, 'answers': answers_key}
+    wanted = ['image'] + [o for o in ('caption', 'question', 'answers', 'label')
+                          if o in named or (o == 'label' and require_label)]
+    for option in wanted:
+      if not any(keys[option] in r for r in objects):
+        raise _missing_field_error('jsonl', path, option, keys[option], where, have)
+    # A caption record or a VQA record: one of the two text fields must be there.
+    if not any(caption_key in r or question_key in r for r in objects):
+      have_text = ', '.join(repr(h) for h in have) or 'none'
+      raise ConfigError(
+          f'{path}: {where} has neither the caption field {caption_key!r} nor the question '
+          f'field {question_key!r} (a record needs a caption or a question); the fields there '
+          f'are {have_text}. Name the right one in the source spec: jsonl:{path}?caption=FIELD '
+          f'or jsonl:{path}?question=FIELD (docs/data.md).')
 
 
 class Csv(_TableSource):
@@ -459,16 +536,148 @@ def _unescape_row(row: dict[str, str]) -> dict[str, Any]:
   return out
 
 
+# ----------------------------------------------------------------- vqav2
+
+# Image folder (and file-name part) of each VQAv2 questions subtype: test-dev2015 is a subset
+# of test2015, whose images are named COCO_test2015_*.jpg (visualqa.org download layout).
+_VQAV2_IMAGE_SUBTYPES = {'test-dev2015': 'test2015'}
+_VQAV2_NAME = re.compile(r'OpenEnded_mscoco_(.+?)_questions\.json$')
+
+
+def _load_json(path: str, what: str) -> Any:
+  try:
+    with open(path, 'rb') as f:
+      return json.load(f)
+  except ValueError as e:
+    raise ConfigError(f'{path} is not valid JSON ({e}); it should be a VQAv2 {what} file '
+                      f'(docs/data.md).') from e
+
+
+class VQAv2:
+  """`vqav2:QUESTIONS_JSON?annotations=ANNOTATIONS_JSON&images=IMAGE_DIR`: the official files.
+
+  QUESTIONS_JSON is v2_OpenEnded_mscoco_<subtype>_questions.json ({"data_subtype": ...,
+  "questions": [{"image_id", "question", "question_id"}, ...]}); ANNOTATIONS_JSON is
+  v2_mscoco_<subtype>_annotations.json ({"annotations": [{"question_id", "answers": [{"answer",
+  ...}, ...], "answer_type", ...}, ...]}); IMAGE_DIR holds the COCO images of that subtype,
+  COCO_<subtype>_<image_id, 12 digits>.jpg (test-dev2015 questions: COCO_test2015_...).
+
+  One record per question, keyed by its question_id. Without annotations (the test
+  questions) every record has answers [] and `has_answers` is False: fit for prediction only.
+  Questions and annotations are held in memory as compact tuples (an image is read only when
+  its record is).
+  """
+
+  def __init__(self, questions_path: str, annotations_path: str = '', image_dir: str = ''):
+    """Reads the question (and annotation) files.
+
+    Raises:
+      EmptySourceError: no such questions file, or it holds no question.
+      ConfigError: a file that is not the VQAv2 layout (naming what it holds), no image
+        folder, or annotations that do not belong to the questions.
+    """
+    self.path = expand_paths(questions_path)[0]
+    data = _load_json(self.path, 'questions')
+    if not isinstance(data, dict) or not isinstance(data.get('questions'), list):
+      have = sorted(data) if isinstance(data, dict) else type(data).__name__
+      hint = (' It looks like an annotations file: give the questions file as the path and '
+              'this one as ?annotations=' if isinstance(data, dict) and 'annotations' in data
+              else '')
+      raise ConfigError(f'{self.path} is not a VQAv2 questions file: it should hold '
+                        f'{{"questions": [...]}}, it has {have}.{hint} (docs/data.md)')
+    if not data['questions']:
+      raise EmptySourceError(f'No questions in {self.path!r}.')
+    name_match = _VQAV2_NAME.search(os.path.basename(self.path))
+    subtype = data.get('data_subtype') or (name_match.group(1) if name_match else '')
+    if not subtype:
+      raise ConfigError(f'{self.path} has no "data_subtype" (e.g. "val2014"), so the image '
+                        f'file names COCO_<subtype>_<id>.jpg are unknown; keep the official '
+                        f'file name v2_OpenEnded_mscoco_<subtype>_questions.json.')
+    self.data_subtype = str(subtype)
+    self.image_subtype = _VQAV2_IMAGE_SUBTYPES.get(self.data_subtype, self.data_subtype)
+    if not image_dir:
+      raise ConfigError(f'vqav2:{questions_path} needs the image folder: add '
+                        f'?images=DIR (the folder of COCO_{self.image_subtype}_*.jpg).')
+    self.image_dir = os.path.expanduser(image_dir)
+    if not os.path.isdir(self.image_dir):
+      raise EmptySourceError(f'VQAv2 image folder {image_dir!r} does not exist (it should '
+                             f'hold COCO_{self.image_subtype}_*.jpg).')
+    # (question_id, image_id, question); a malformed entry keeps its Nones and is a bad
+    # record when read.
+    self._questions = [
+        (q.get('question_id'), q.get('image_id'), q.get('question'))
+        if isinstance(q, dict) else (None, None, None) for q in data['questions']]
+    del data
+    self.has_answers = bool(annotations_path)
+    # question_id -> (answers, answer_type).
+    self._annotations: dict[Any, tuple[tuple[str, ...], str]] = {}
+    if annotations_path:
+      self._read_annotations(expand_paths(annotations_path)[0])
+
+  def _read_annotations(self, path: str) -> None:
+    data = _load_json(path, 'annotations')
+    if not isinstance(data, dict) or not isinstance(data.get('annotations'), list):
+      have = sorted(data) if isinstance(data, dict) else type(data).__name__
+      raise ConfigError(f'{path} is not a VQAv2 annotations file: it should hold '
+                        f'{{"annotations": [...]}}, it has {have} (docs/data.md).')
+    subtype = data.get('data_subtype')
+    if subtype and subtype != self.data_subtype:
+      raise ConfigError(f'The annotations {path} are for {subtype!r} but the questions '
+                        f'{self.path} for {self.data_subtype!r}; give the matching '
+                        f'?annotations= file.')
+    # ~4M answers in train2014, mostly repeats ('yes', '2'): one str object per distinct one.
+    distinct: dict[str, str] = {}
+    for entry in data['annotations']:
+      if not isinstance(entry, dict) or 'question_id' not in entry:
+        continue
+      try:
+        answers = tuple(distinct.setdefault(a, a) for a in answer_list(entry.get('answers')))
+      except ValueError:
+        answers = ()  # an unusable annotation: the question counts as one without answers
+      answer_type = entry.get('answer_type')
+      self._annotations[entry['question_id']] = (
+          answers, distinct.setdefault(answer_type, answer_type)
+          if isinstance(answer_type, str) else '')
+    if not any(qid in self._annotations for qid, _, _ in self._questions[:1000]):
+      raise ConfigError(f'None of the questions of {self.path} has an annotation in {path} '
+                        f'(no question_id in common); give the annotations of the same '
+                        f'subtype as ?annotations=.')
+
+  def __len__(self) -> int:
+    return len(self._questions)
+
+  def __repr__(self) -> str:
+    return f'VQAv2({self.path!r}, {len(self)} questions, answers={self.has_answers})'
+
+  def image_path(self, image_id: int) -> str:
+    """Where the image of `image_id` is: IMAGE_DIR/COCO_<subtype>_<12-digit id>.jpg."""
+    return os.path.join(self.image_dir,
+                        f'COCO_{self.image_subtype}_{int(image_id):012d}.jpg')
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    question_id, image_id, question = self._questions[index]
+    if question_id is None or image_id is None or not isinstance(question, str):
+      raise KeyError('question entry without question_id, image_id or question')
+    answers, answer_type = self._annotations.get(question_id, ((), ''))
+    with open(self.image_path(image_id), 'rb') as f:
+      image = f.read()
+    return {'key': str(question_id), 'image': image, 'caption': None, 'label': -1,
+            'image_id': str(image_id), 'question': question, 'answers': list(answers),
+            'answer_type': answer_type, 'question_id': int(question_id)}
+
+
 # ----------------------------------------------------------------- arrayrecord
 
 _MAGIC = b'VLJ1'
+_VQA_FIELDS = ('question', 'answers', 'answer_type', 'question_id')
 
 
 def serialize(record: dict[str, Any]) -> bytes:
   """A raw record (image as encoded bytes) -> bytes for ArrayRecord.
 
   Layout: b'VLJ1', uint32 header length, JSON header {key, caption, label,
-  image_id}, then the encoded image bytes.
+  image_id, and question, answers, answer_type, question_id where the record has
+  them}, then the encoded image bytes.
   """
   image = record['image']
   if not isinstance(image, (bytes, bytearray)):
@@ -476,10 +685,21 @@ def serialize(record: dict[str, Any]) -> bytes:
   caption = record.get('caption')
   if isinstance(caption, bytes):
     caption = caption.decode('utf-8')
-  header = json.dumps({'key': record['key'], 'caption': caption,
-                       'label': int(record.get('label', -1)),
-                       'image_id': record.get('image_id', record['key'])}
-                      ).encode('utf-8')
+  fields = {'key': record['key'], 'caption': caption,
+            'label': int(record.get('label', -1)),
+            'image_id': record.get('image_id', record['key'])}
+  # VQA fields only where the record has them: caption records serialise as before.
+  for name in _VQA_FIELDS:
+    if record.get(name) is not None:
+      value = record[name]
+      if name == 'question' and isinstance(value, bytes):
+        value = value.decode('utf-8')
+      elif name == 'answers':
+        value = answer_list(value)
+      elif name == 'question_id':
+        value = int(value)
+      fields[name] = value
+  header = json.dumps(fields).encode('utf-8')
   return _MAGIC + struct.pack('<I', len(header)) + header + bytes(image)
 
 
@@ -693,6 +913,8 @@ def describe_record(source: Any, index: int) -> str:
       return f'{os.path.basename(source.paths[shard])}:{key}'
     if isinstance(source, _TableSource):
       return f'{os.path.basename(source.path)}:{source.rows[index][0]}'
+    if isinstance(source, VQAv2):
+      return str(source._questions[index][0])  # pylint: disable=protected-access
   except Exception:  # pylint: disable=broad-except
     pass
   return f'{type(source).__name__}[{index}]'

@@ -130,16 +130,14 @@ class _Preprocess(grain.transforms.MapWithIndex):
              if self._image.random else None)
       caption_rng = (np.random.default_rng([self._seed, index, 0xCA7])
                      if self._train else None)
-      caption = preprocess.clean_caption(
-          preprocess.pick_caption(element.get('caption'), caption_rng),
-          self._text)
+      texts = self._texts(element, caption_rng)
       # Decoding JPEGs at a reduced DCT scale is several times faster; only
       # safe when no random crop wants the full resolution.
       draft = None if self._image.random else self._image.size
       image = preprocess.decode_image(element.get('image'), draft)
       pixels, delta = preprocess.augment_image(image, self._image, rng)
       # uint8 pixels: normalisation happens per batch in `_collate`.
-      return {'image': pixels, 'brightness': delta, 'caption': caption,
+      return {'image': pixels, 'brightness': delta, **texts,
               'label': np.int32(element.get('label', -1))}
     except Exception as e:  # pylint: disable=broad-except
       # One unusable record must never stop the run.
@@ -147,12 +145,58 @@ class _Preprocess(grain.transforms.MapWithIndex):
           f'{type(e).__name__}: {e}')
       return {'_bad': reason, '_key': key}
 
+  def _texts(self, element: Mapping[str, Any], caption_rng: np.random.Generator | None
+             ) -> dict[str, Any]:
+    """{'caption'} of a caption record; {'caption', 'question', 'answers'} of a VQA one.
+
+    A usable question makes the example a VQA example (its caption, if any, is kept, else
+    ''); the answers are cleaned like captions, and in training a question needs at least
+    one. Otherwise the caption must be usable. Raises BadRecord with the reason.
+    """
+    question = element.get('question')
+    if question is not None:
+      try:
+        question = preprocess.clean_caption(question, self._text)
+      except preprocess.BadRecord:
+        question = None
+    try:
+      caption = preprocess.clean_caption(
+          preprocess.pick_caption(element.get('caption'), caption_rng), self._text)
+    except preprocess.BadRecord as e:
+      if question is None:
+        if element.get('question') is not None:
+          raise preprocess.BadRecord(
+              f'no usable caption or question (question '
+              f'{element.get("question")!r:.60})') from e
+        raise
+      caption = ''
+    if question is None:
+      return {'caption': caption}
+    answers = preprocess.captions_list(formats.answer_list(element.get('answers')),
+                                       self._text)
+    if self._train and not answers:
+      raise preprocess.BadRecord(f'the question {question!r:.60} has no answers')
+    return {'caption': caption, 'question': question, 'answers': answers}
+
+
+def caption_fields(elements: Sequence[Mapping[str, Any]],
+                   tokenizer: tokenizer_lib.Tokenizer, max_len: int
+                   ) -> dict[str, np.ndarray]:
+  """The non-image batch fields of the caption families (two towers, CoCa).
+
+  'text': int32 [B, max_len] caption tokens; 'label': int32 [B] (-1 = none).
+  """
+  return {
+      'text': tokenizer.encode([e['caption'] for e in elements], max_len),
+      'label': np.asarray([e['label'] for e in elements], dtype=np.int32),
+  }
+
 
 def _collate(elements: Sequence[Mapping[str, Any]],
-             tokenizer: tokenizer_lib.Tokenizer, max_len: int,
+             fields_fn: Callable[[Sequence[Mapping[str, Any]]], dict[str, np.ndarray]],
              image_options: preprocess.ImageOptions,
              normalize: bool = True) -> dict[str, np.ndarray]:
-  """Stacks examples and tokenises their captions in one call.
+  """Stacks the examples' images and adds `fields_fn(elements)` (the objective's text fields).
 
   normalize=True gives float32 model inputs; False keeps the uint8 pixels and adds each
   example's brightness delta ('brightness', float32 [B]) for normalisation on the device
@@ -160,10 +204,7 @@ def _collate(elements: Sequence[Mapping[str, Any]],
   """
   pixels = np.stack([e['image'] for e in elements])
   delta = np.asarray([e['brightness'] for e in elements], np.float32)
-  batch = {
-      'text': tokenizer.encode([e['caption'] for e in elements], max_len),
-      'label': np.asarray([e['label'] for e in elements], dtype=np.int32),
-  }
+  batch = dict(fields_fn(elements))
   if normalize:
     batch['image'] = preprocess.normalize(pixels, image_options, delta)
   else:
@@ -276,7 +317,10 @@ def make_train_dataset(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
                        image_options: preprocess.ImageOptions | None = None,
                        text_options: preprocess.TextOptions | None = None,
                        worker_count: int = 0,
-                       normalize: bool = True) -> grain.IterDataset:
+                       normalize: bool = True,
+                       fields_fn: Callable[[Sequence[Mapping[str, Any]]],
+                                           dict[str, np.ndarray]] | None = None
+                       ) -> grain.IterDataset:
   """The training pipeline as a `grain.IterDataset` of per-process batches.
 
   See `make_train_iterator` for the arguments.
@@ -320,9 +364,12 @@ def make_train_dataset(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=worker_count,
         per_worker_buffer_size=min(max(2, batch_size), 128)))
+  if fields_fn is None:
+    fields_fn = functools.partial(caption_fields, tokenizer=tokenizer,
+                                  max_len=max_len)
   return _SkipBadAndBatch(
       it_ds, batch_size,
-      functools.partial(_collate, tokenizer=tokenizer, max_len=max_len,
+      functools.partial(_collate, fields_fn=fields_fn,
                         image_options=image_opts, normalize=normalize))
 
 
@@ -336,6 +383,8 @@ def make_train_iterator(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
                         image_options: preprocess.ImageOptions | None = None,
                         text_options: preprocess.TextOptions | None = None,
                         normalize: bool = True,
+                        fields_fn: Callable[[Sequence[Mapping[str, Any]]],
+                                            dict[str, np.ndarray]] | None = None,
                         ) -> grain.DatasetIterator:
   """A checkpointable iterator over this process's training batches.
 
@@ -364,6 +413,10 @@ def make_train_iterator(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
     text_options: caption lowercasing / canonicalisation.
     normalize: False keeps 'image' as uint8 pixels and adds 'brightness'
       (float32 [b]) for normalisation on the device (what the trainer does).
+    fields_fn: examples -> the batch's non-image fields (an objective's
+      `batch_fields_from_examples`); None = `caption_fields` ('text', 'label').
+      It runs here, off the training thread, on the decoded examples
+      ({'caption', 'label', and 'question'/'answers' where the record has them}).
 
   Returns:
     A `grain.DatasetIterator`; `get_state()` is a small JSON-serialisable
@@ -379,7 +432,8 @@ def make_train_iterator(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
       num_epochs=num_epochs, augment=augment, image_options=image_options,
       text_options=text_options)
   return iter(make_train_dataset(source, tokenizer, worker_count=worker_count,
-                                normalize=normalize, **kwargs))
+                                normalize=normalize, fields_fn=fields_fn,
+                                **kwargs))
 
 
 # Records decoded concurrently per window while loading an eval set: bounds
@@ -397,19 +451,26 @@ def _default_decode_threads() -> int:
 
 @dataclasses.dataclass
 class _EvalExample:
-  """One decoded eval record, or why it cannot be used (`error` set)."""
+  """One decoded eval record, or why it cannot be used (`error` set).
+
+  `question` is '' and `answers` [] for records without them.
+  """
   key: str
   pixels: np.ndarray | None = None
   label: int = -1
   captions: list[str] | None = None
   image_id: str = ''
+  question: str = ''
+  answers: list[str] = dataclasses.field(default_factory=list)
+  answer_type: str = ''
   error: str | None = None
 
 
 def _read_eval_example(safe: formats.SafeSource, index: int,
                        image_opts: preprocess.ImageOptions,
                        text_opts: preprocess.TextOptions,
-                       require_caption: bool) -> _EvalExample:
+                       require_caption: bool, require_question: bool = False,
+                       require_answers: bool = False) -> _EvalExample:
   """Reads, decodes and resizes record `index` (uint8); never raises."""
   record = safe[index]
   key = str(record.get('key', index))
@@ -419,11 +480,24 @@ def _read_eval_example(safe: formats.SafeSource, index: int,
     caps = preprocess.captions_list(record.get('caption'), text_opts)
     if not caps and require_caption:
       raise preprocess.BadRecord('no usable caption')
+    # The question is model input: cleaned exactly as training cleans it.
+    found = (preprocess.captions_list(record['question'], text_opts)
+             if record.get('question') is not None else [])
+    question = found[0] if found else ''
+    if not question and require_question:
+      raise preprocess.BadRecord('no usable question')
+    # The human answers are only stripped, not cleaned with the text options: the official
+    # metric normalises them itself (vljax.evals.vqa), and compares unanimous ones verbatim.
+    answers = [a.strip() for a in formats.answer_list(record.get('answers')) if a.strip()]
+    if not answers and require_answers:
+      raise preprocess.BadRecord('no answers')
     pixels = eval_pixels(record.get('image'), image_opts)
     image_id = record.get('image_id', record.get('key', index))
+    answer_type = record.get('answer_type')
     return _EvalExample(key=key, pixels=pixels,
                         label=int(record.get('label', -1)), captions=caps,
-                        image_id=str(image_id))
+                        image_id=str(image_id), question=question, answers=answers,
+                        answer_type=answer_type if isinstance(answer_type, str) else '')
   except Exception as e:  # pylint: disable=broad-except
     # One unusable record must never stop an evaluation; it is counted instead.
     return _EvalExample(key=key, error=str(e))
@@ -458,7 +532,8 @@ def load_eval_data(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
                    image_options: preprocess.ImageOptions | None = None,
                    text_options: preprocess.TextOptions | None = None,
                    require_caption: bool = True, normalize: bool = True,
-                   num_threads: int | None = None) -> dict[str, Any]:
+                   num_threads: int | None = None, require_question: bool = False,
+                   require_answers: bool = False) -> dict[str, Any]:
   """The usable examples of a source (or of the records `indices`), in order.
 
   Records are read, decoded and resized by a pool of `num_threads` threads;
@@ -475,21 +550,28 @@ def load_eval_data(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
     indices: the record indices to read, in this order; None = every record.
     image_options: resize mode and normalisation (augmentation is ignored).
     text_options: caption clean-up.
-    require_caption: a record without a usable caption is bad.
+    require_caption: a record without a usable caption is bad (False for VQA sets,
+      whose records may have none).
     normalize: True returns float32 normalised images (4x the memory);
       False returns the uint8 pixels, to be normalised per batch later with
       `preprocess.normalize(pixels, result['image_options'])`, which gives
       exactly the float32 values of normalize=True.
     num_threads: decoding threads; None = one per core (at most 16); <= 1
       decodes in this thread.
+    require_question: a record without a usable question is bad (VQA sets).
+    require_answers: a record without a (non-empty) answer is bad (VQA evaluation).
 
   Returns:
     {'image': float32 (or uint8) [N, H, W, 3], 'text': int32 [N, max_len]
     (first caption), 'label': int32 [N], 'caption': list of N str (first
     caption), 'captions': list of N lists of str (all captions), 'image_id':
-    list of N str, 'record_index': int64 [N] (source index of each example),
-    'skipped': int (bad records among those read), 'image_options': the
-    ImageOptions the images were (or are to be) normalised with}.
+    list of N str, 'question': list of N str (cleaned with `text_options`; ''
+    when the record has none), 'answers': list of N lists of str (the human
+    answers, stripped but otherwise as given; [] when none), 'answer_type':
+    list of N str ('' when unknown), 'record_index': int64 [N] (source index
+    of each example), 'skipped': int (bad records among those read),
+    'image_options': the ImageOptions the images were (or are to be)
+    normalised with}.
 
   Raises:
     ValueError: the source is empty, nothing is selected, or no selected
@@ -513,11 +595,14 @@ def load_eval_data(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
              else int(num_threads))
   safe = formats.SafeSource(source)
   read = functools.partial(_read_eval_example, safe, image_opts=image_opts,
-                           text_opts=text_opts, require_caption=require_caption)
+                           text_opts=text_opts, require_caption=require_caption,
+                           require_question=require_question,
+                           require_answers=require_answers)
 
   # Filled in place, so the pixels are never held twice (a list plus a stack).
   pixels = np.empty((wanted, image_size, image_size, 3), np.uint8)
   labels, captions, ids, kept = [], [], [], []
+  questions, answers, answer_types = [], [], []
   skipped = 0
   pool = (concurrent.futures.ThreadPoolExecutor(threads, 'vljax-eval-decode')
           if threads > 1 else None)
@@ -538,6 +623,9 @@ def load_eval_data(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
         labels.append(example.label)
         captions.append(example.captions)
         ids.append(example.image_id)
+        questions.append(example.question)
+        answers.append(example.answers)
+        answer_types.append(example.answer_type)
         kept.append(index)
         if len(kept) == wanted:
           break
@@ -567,6 +655,7 @@ def load_eval_data(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
       'text': tokenizer.encode(first, max_len),
       'label': np.asarray(labels, dtype=np.int32),
       'caption': first, 'captions': captions, 'image_id': ids,
+      'question': questions, 'answers': answers, 'answer_type': answer_types,
       'record_index': np.asarray(kept, dtype=np.int64),
       'skipped': skipped,
       'image_options': image_opts,

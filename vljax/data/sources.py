@@ -2,8 +2,12 @@
 
 Spec strings, `KIND:ARG[?name=value&name=value]`:
   synthetic                      the embedded synthetic dataset
+  synthetic?task=vqa             the same images and captions, each with a question and answers
   webdataset:GLOB                img2dataset-style tar shards ({00000..01242}, * and ? work)
   jsonl:PATH, csv:PATH           one record per line: image path (relative to the file) + caption
+                                 (jsonl: or a question and its answers)
+  vqav2:QUESTIONS_JSON?annotations=ANNOTATIONS_JSON&images=IMAGE_DIR
+                                 the official VQAv2 question / annotation files and COCO images
   arrayrecord:GLOB               shards written by `python -m vljax.data.convert`
   tfds:NAME[:SPLIT]              a prepared TFDS dataset (in config.data.tfds_data_dir)
   imagefolder:DIR                DIR/CLASS/*.jpg, for zero-shot classification
@@ -51,6 +55,16 @@ class Option:
 _IMAGE = Option("image", "image path field / column (jsonl, csv) or image feature (tfds)")
 _CAPTION = Option("caption", "caption field / column / feature ('/' for nested TFDS features)")
 _LABEL = Option("label", "integer class label field / column / feature")
+_QUESTION = Option("question", "VQA question field (a record needs a caption or a question)")
+_ANSWERS = Option("answers", "VQA answers field: a list of strings or of {\"answer\": ...} "
+                  "objects")
+
+
+def _task(text: str) -> str:
+  if text not in synthetic.TASKS:
+    raise ValueError(f"the task is one of {', '.join(synthetic.TASKS)}")
+  return text
+
 
 # The options every kind takes (none yet; e.g. an eval sample size would go here).
 COMMON_OPTIONS: dict[str, Option] = {}
@@ -58,17 +72,31 @@ COMMON_OPTIONS: dict[str, Option] = {}
 # The options each kind takes after '?'. Adding one is a row here, a read of
 # `option_values(...)[name]` where the source is built, and a row in docs/data.md.
 OPTIONS: dict[str, dict[str, Option]] = {
-    "synthetic": {},
+    "synthetic": {"task": Option(
+        "caption", "caption | vqa: vqa adds a question about the image and its answers to "
+        "every record (same images and captions)", _task)},
     "webdataset": {"caption": Option(
         "caption", "field of KEY.json holding the caption; when given, it is read even "
         "where a KEY.txt exists")},
-    "jsonl": {"image": _IMAGE, "caption": _CAPTION, "label": _LABEL},
+    "jsonl": {"image": _IMAGE, "caption": _CAPTION, "label": _LABEL, "question": _QUESTION,
+              "answers": _ANSWERS},
     "csv": {"image": _IMAGE, "caption": _CAPTION, "label": _LABEL},
     "arrayrecord": {},
     "tfds": {"image": _IMAGE, "caption": _CAPTION, "label": _LABEL},
     "imagefolder": {},
+    "vqav2": {
+        "annotations": Option("", "the v2_mscoco_<subtype>_annotations.json of the questions "
+                              "(without it: no answers, prediction only)"),
+        "images": Option("", "the folder of the COCO images COCO_<subtype>_<id>.jpg")},
 }
 KNOWN = tuple(OPTIONS)
+
+# What a record must have to count as usable in `check_source`:
+#   image           a decodable image (zero-shot classification)
+#   caption         and a usable caption (retrieval)
+#   caption_or_vqa  and a caption, or a question with at least one answer (training)
+#   vqa             and a question with at least one answer (VQA evaluation)
+REQUIREMENTS = ("image", "caption", "caption_or_vqa", "vqa")
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -207,14 +235,21 @@ def get_source(spec: str, split: str, image_size: int, seed: int,
   # A field the user named must exist; the default label field may be absent (label -1).
   require_label = "label" in given
   if kind == "synthetic":
-    return synthetic.SyntheticImageText(split=split, image_size=image_size, seed=seed)
+    return synthetic.SyntheticImageText(split=split, image_size=image_size, seed=seed,
+                                        task=values["task"])
+  if kind == "vqav2":
+    return formats.VQAv2(arg, annotations_path=values["annotations"],
+                         image_dir=values["images"])
   if kind == "webdataset":
     return formats.WebDataset(arg, caption_key=values["caption"],
                               prefer_json="caption" in given)
-  if kind in ("jsonl", "csv"):
-    reader = formats.JsonLines if kind == "jsonl" else formats.Csv
-    return reader(arg, values["image"], values["caption"], values["label"],
-                  require_label=require_label)
+  if kind == "jsonl":
+    return formats.JsonLines(arg, values["image"], values["caption"], values["label"],
+                             require_label=require_label, question_key=values["question"],
+                             answers_key=values["answers"], named=tuple(given))
+  if kind == "csv":
+    return formats.Csv(arg, values["image"], values["caption"], values["label"],
+                       require_label=require_label)
   if kind == "arrayrecord":
     return formats.ArrayRecord(arg)
   if kind == "imagefolder":
@@ -253,24 +288,51 @@ def _probe_indices(n: int, probe: int) -> list[int]:
   return picks
 
 
+def _text_failure(record: Mapping[str, Any], require: str) -> None:
+  """Raises BadRecord when the record lacks the text `require` asks for (REQUIREMENTS)."""
+  if require == "image":
+    return
+  opts = preprocess.TextOptions()
+  question = record.get("question")
+  has_question = question is not None and bool(preprocess.captions_list(question, opts))
+  answers = preprocess.captions_list(
+      formats.answer_list(record.get("answers")) if has_question else [], opts)
+  if require == "vqa" or (require == "caption_or_vqa" and has_question):
+    if not has_question:
+      raise preprocess.BadRecord(f"no usable question (got {question!r:.60})")
+    if not answers:
+      raise preprocess.BadRecord(f"the question {question!r:.60} has no answers")
+    return
+  if not preprocess.captions_list(record.get("caption"), opts):
+    what = "caption or question" if require == "caption_or_vqa" else "caption"
+    raise preprocess.BadRecord(f"no usable {what} (got {record.get('caption')!r:.60})")
+
+
 def _probe_failure(record: Mapping[str, Any], image_size: int,
-                   require_caption: bool) -> str | None:
-  """Why a raw record would be skipped, or None if it decodes."""
+                   require_caption: bool = True, require: str | None = None) -> str | None:
+  """Why a raw record would be skipped, or None if it decodes.
+
+  `require` is one of REQUIREMENTS; None = 'caption_or_vqa' if require_caption else 'image'.
+  """
+  require = require or ("caption_or_vqa" if require_caption else "image")
   try:
     if "error" in record:
       raise preprocess.BadRecord(record["error"])
     preprocess.decode_image(record.get("image"), image_size)
-    if require_caption and not preprocess.captions_list(record.get("caption"),
-                                                        preprocess.TextOptions()):
-      raise preprocess.BadRecord(f"no usable caption (got {record.get('caption')!r:.60})")
+    _text_failure(record, require)
   except Exception as e:  # pylint: disable=broad-except
     # Whatever a reader or the decoder raises is this record's reason.
     return str(e) if isinstance(e, preprocess.BadRecord) else f"{type(e).__name__}: {e}"
   return None
 
 
+def _no_answers_anywhere(source: Any) -> bool:
+  """A question file read without its answers (vqav2 without ?annotations=)."""
+  return getattr(source, "has_answers", True) is False
+
+
 def _check_one(spec: str, config_key: str, where: str, split: str, image_size: int,
-               seed: int, options: Mapping[str, Any] | None, require_caption: bool,
+               seed: int, options: Mapping[str, Any] | None, require: str,
                probe: int) -> Any:
   try:
     source = get_source(spec, split, image_size, seed, options)
@@ -283,6 +345,13 @@ def _check_one(spec: str, config_key: str, where: str, split: str, image_size: i
   except OSError as e:
     raise ConfigError(f"{where}: cannot read it ({type(e).__name__}: {_one_line(e)}). Fix: "
                       f"point {config_key} at a readable source.") from e
+  if require in ("caption_or_vqa", "vqa") and _no_answers_anywhere(source):
+    # Every record would be skipped one by one; say why once, now.
+    raise ConfigError(
+        f"{where}: the questions come without answers (no ?annotations=), so they can only "
+        f"be predicted, not trained or evaluated on. Fix: add "
+        f"?annotations=v2_mscoco_<subtype>_annotations.json, or use this source for "
+        f"prediction only.")
   if probe <= 0:
     return source
   safe = formats.SafeSource(source)
@@ -290,7 +359,7 @@ def _check_one(spec: str, config_key: str, where: str, split: str, image_size: i
   failures = []
   for i in picks:
     record = safe[i]
-    reason = _probe_failure(record, image_size, require_caption)
+    reason = _probe_failure(record, image_size, require=require)
     if reason is not None:
       failures.append((str(record.get("key", i)), _one_line(reason)))
   if len(failures) == len(picks):
@@ -311,7 +380,7 @@ def _check_one(spec: str, config_key: str, where: str, split: str, image_size: i
 
 def check_source(spec: str, config_key: str, split: str, image_size: int, seed: int,
                  options: Mapping[str, Any] | None = None, require_caption: bool = True,
-                 probe: int = 16) -> Any:
+                 probe: int = 16, require: str | None = None) -> Any:
   """Opens a source and decodes a sample of it; returns the opened source (or Mixture).
 
   Meant to run before anything is compiled, so that a wrong path or field name fails at once.
@@ -320,10 +389,14 @@ def check_source(spec: str, config_key: str, split: str, image_size: int, seed: 
     spec, split, image_size, seed, options: as for `get_source`.
     config_key: the config key that named `spec` (e.g. 'config.data.eval_retrieval'); every
       error message starts with it.
-    require_caption: a record without a usable caption counts as failing (False for
-      zero-shot sources such as imagefolder).
+    require_caption: a record without a usable caption counts as failing, unless it is a VQA
+      record (a question with answers), which training takes too (False for zero-shot
+      sources such as imagefolder). Read only when `require` is None.
     probe: how many records to read and decode (the first half of them from the start, the
       rest from random positions drawn with a fixed seed); 0 = only open.
+    require: what a record needs, one of REQUIREMENTS ('image', 'caption', 'caption_or_vqa',
+      'vqa'); None = from require_caption. A question file without answers (vqav2 without
+      ?annotations=) fails at once under 'caption_or_vqa' and 'vqa'.
 
   Raises:
     ConfigError (formats.EmptySourceError when nothing was found): one line starting
@@ -332,8 +405,11 @@ def check_source(spec: str, config_key: str, split: str, image_size: int, seed: 
       checked component by component.
   """
   where = f"{config_key}={spec!r}"
+  require = require or ("caption_or_vqa" if require_caption else "image")
+  if require not in REQUIREMENTS:
+    raise ValueError(f"require={require!r}; choose one of {REQUIREMENTS}.")
   check = lambda s, k, w: _check_one(s, config_key, w, split, image_size, seed + k, options,
-                                     require_caption, probe)
+                                     require, probe)
   if "|" in spec:
     try:
       parts = mixture.split_spec(spec)
@@ -347,25 +423,29 @@ def check_config_sources(data_config: Mapping[str, Any], train: bool = True,
                          evaluate: bool = True) -> dict[str, Any]:
   """Checks config.data.train and the eval sources it names; {config key: opened source}.
 
-  Zero-shot sources (eval_zeroshot, and an `eval` of kind imagefolder or tfds, which may be a
-  classification set) are checked without requiring captions.
+  Training records need a caption or a question with answers; retrieval records a caption;
+  eval_vqa records a question with answers. Zero-shot sources (eval_zeroshot, and an `eval`
+  of kind imagefolder or tfds, which may be a classification set) are checked without
+  requiring any text.
   """
   get = lambda k: _config_value(data_config, k, "")
-  wanted = []  # (key under config.data, split, require_caption)
+  wanted = []  # (key under config.data, split, what a record needs)
   if train and get("train"):
-    wanted.append(("train", "train", True))
+    wanted.append(("train", "train", "caption_or_vqa"))
   if evaluate:
     eval_spec = get("eval")
     if eval_spec and not (get("eval_zeroshot") or get("eval_retrieval")):
       kind = eval_spec.split(":", 1)[0].split("?", 1)[0]
-      wanted.append(("eval", "heldout", kind not in ("imagefolder", "tfds")))
-    wanted += [(k, "heldout", k == "eval_retrieval")
-               for k in ("eval_zeroshot", "eval_retrieval") if get(k)]
+      wanted.append(("eval", "heldout",
+                     "image" if kind in ("imagefolder", "tfds") else "caption"))
+    wanted += [(k, "heldout", need) for k, need in (
+        ("eval_zeroshot", "image"), ("eval_retrieval", "caption"), ("eval_vqa", "vqa"))
+               if get(k)]
   out = {}
-  for key, split, caption in wanted:
+  for key, split, need in wanted:
     out[f"config.data.{key}"] = check_source(
         get(key), f"config.data.{key}", split, int(get("image_size") or 224),
-        int(get("seed") or 0), data_config, require_caption=caption)
+        int(get("seed") or 0), data_config, require=need)
   return out
 
 

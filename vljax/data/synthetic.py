@@ -7,6 +7,11 @@ size at a random position, on a lightly textured background, sometimes with a
 small grey distractor shape. The caption describes the main shape in words, e.g.
 "a large red circle in the top left".
 
+With task='vqa' every example also carries a question about its image and the answer
+(colour, shape, size, position of the coloured shape, or how many shapes there are), drawn
+from a random stream of its own: the image and caption of an index are the same for both
+tasks.
+
 The source follows grain's random-access protocol (`__len__`, `__getitem__`),
 so it plugs straight into `grain.MapDataset.source`.
 """
@@ -86,6 +91,29 @@ _RADIUS_RANGE: dict[str, tuple[float, float]] = {
     'small': (0.13, 0.17),  # at 32 px: 8-11 pixels across, about one patch of 8
     'large': (0.20, 0.26),
 }
+# Questions by kind; the answer is a function of the example's spec (`_answer`). Each kind
+# has a few phrasings, so a model cannot key on one exact string. "the shape" means the
+# coloured one: the grey distractor is only ever counted.
+QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
+    'colour': ('what colour is the shape?', 'what color is the shape?',
+               'which colour does the shape have?'),
+    'shape': ('what shape is it?', 'what shape is the coloured object?',
+              'which shape is shown?'),
+    'size': ('is the shape large or small?', 'is the shape small or large?',
+             'how big is the coloured shape?'),
+    'position': ('where is the shape?', 'where is the coloured shape?',
+                 'in which part of the image is the shape?'),
+    'count': ('how many shapes are there?', 'how many shapes can you see?',
+              'how many objects are in the image?'),
+}
+QUESTION_KINDS: tuple[str, ...] = tuple(QUESTION_TEMPLATES)
+TASKS: tuple[str, ...] = ('caption', 'vqa')
+# Synthetic annotators all agree: the answer, as many times as VQAv2 has human answers.
+NUM_ANSWERS = 10
+# Mixed into the seed of the question stream: SeedSequence([seed, split, index, _QUESTION_STREAM])
+# is independent of the image/caption stream SeedSequence([seed, split, index]).
+_QUESTION_STREAM = 0x9A
+
 _DISTRACTOR_GREY = 90
 _DISTRACTOR_PROB = 0.5
 _SPLIT_IDS: dict[str, int] = {'train': 0, 'heldout': 1}
@@ -158,11 +186,14 @@ class SyntheticImageText:
   generator streams, so they are distinct samples.
 
   Each example is a dict with 'image' (uint8 [H, W, 3]), 'caption' (str),
-  'label' (np.int32) and 'key' (str, unique per (split, seed, index)).
+  'label' (np.int32) and 'key' (str, unique per (split, seed, index)); with
+  task='vqa' also 'question' (str), 'answers' (NUM_ANSWERS copies of the answer)
+  and 'answer_type' (the question's kind, one of QUESTION_KINDS).
   """
 
   def __init__(self, split: str = 'train', image_size: int = 32,
-               num_examples: int | None = None, seed: int = 0):
+               num_examples: int | None = None, seed: int = 0,
+               task: str = 'caption'):
     """Initialises the source.
 
     Args:
@@ -171,7 +202,11 @@ class SyntheticImageText:
       num_examples: length of the source; defaults to 2**20 for 'train'
         (generated lazily, effectively infinite) and 512 for 'heldout'.
       seed: base seed; different seeds give different datasets.
+      task: 'caption', or 'vqa' to add a question and its answers to every
+        example (images and captions stay the same).
     """
+    if task not in TASKS:
+      raise ValueError(f'Unknown task {task!r}; expected one of {TASKS}.')
     if split not in _SPLIT_IDS:
       raise ValueError(
           f'Unknown split {split!r}; expected one of {tuple(_SPLIT_IDS)}.')
@@ -185,6 +220,7 @@ class SyntheticImageText:
     self.image_size = int(image_size)
     self.num_examples = int(num_examples)
     self.seed = int(seed)
+    self.task = task
 
   def __len__(self) -> int:
     return self.num_examples
@@ -192,7 +228,8 @@ class SyntheticImageText:
   def __repr__(self) -> str:
     return (f'SyntheticImageText(split={self.split!r}, '
             f'image_size={self.image_size}, num_examples={self.num_examples}, '
-            f'seed={self.seed})')
+            f'seed={self.seed}' +
+            (f', task={self.task!r})' if self.task != 'caption' else ')'))
 
   def _check_index(self, index: int) -> int:
     index = int(index)
@@ -255,6 +292,19 @@ class SyntheticImageText:
         size=size, region=region, cx=float(cx), cy=float(cy), radius=radius,
         caption=caption, distractor=distractor)
 
+  def question(self, index: int) -> tuple[str, str, str]:
+    """(question, answer, kind) of example `index`, without rendering the image.
+
+    Drawn from the question stream only, so it never shifts the image or caption.
+    """
+    index = self._check_index(index)
+    rng = np.random.default_rng(
+        [self.seed, _SPLIT_IDS[self.split], index, _QUESTION_STREAM])
+    kind = QUESTION_KINDS[int(rng.integers(len(QUESTION_KINDS)))]
+    phrasings = QUESTION_TEMPLATES[kind]
+    text = phrasings[int(rng.integers(len(phrasings)))]
+    return text, _answer(kind, self.describe(index)), kind
+
   def caption(self, index: int) -> str:
     """The caption of example `index`, without rendering the image (tokenizer training)."""
     return self.describe(index).caption
@@ -294,15 +344,43 @@ class SyntheticImageText:
     rng = self._rng(index)
     spec = self._sample_spec(rng)
     image = self._render(spec, rng)
-    return {
+    example = {
         'image': image,
         'caption': spec.caption,
         'label': np.int32(spec.label),
         'key': f'synthetic/{self.split}/{self.seed}/{index}',
     }
+    if self.task == 'vqa':
+      question, answer, kind = self.question(index)
+      example.update(question=question, answers=[answer] * NUM_ANSWERS,
+                     answer_type=kind)
+    return example
+
+
+def _answer(kind: str, spec: ExampleSpec) -> str:
+  """The answer to a question of `kind` about the example `spec` describes."""
+  if kind == 'colour':
+    return spec.color
+  if kind == 'shape':
+    return spec.shape
+  if kind == 'size':
+    return spec.size
+  if kind == 'position':
+    return spec.region
+  if kind == 'count':
+    # The distractor is drawn whenever the spec has one (placed clear of the main shape).
+    return '2' if spec.distractor is not None else '1'
+  raise ValueError(f'Unknown question kind {kind!r}; expected one of {QUESTION_KINDS}.')
 
 
 def all_captions(n: int, seed: int = 0, split: str = 'train') -> list[str]:
   """Captions of the first `n` examples of a split (no images rendered)."""
   source = SyntheticImageText(split=split, num_examples=max(n, 0), seed=seed)
   return [source.describe(i).caption for i in range(n)]
+
+
+def all_questions(n: int, seed: int = 0, split: str = 'train'
+                  ) -> list[tuple[str, str]]:
+  """(question, answer) of the first `n` examples of a split with task='vqa' (no images)."""
+  source = SyntheticImageText(split=split, num_examples=max(n, 0), seed=seed, task='vqa')
+  return [source.question(i)[:2] for i in range(n)]

@@ -12,7 +12,10 @@ Two ways to get a model:
   and caches it on disk, keyed by a hash of the corpus and the trainer
   settings. It is only fit for the synthetic data: real captions fall apart
   into characters, which is why `check_config` refuses real training data
-  without config.tokenizer.path.
+  without config.tokenizer.path. Its `vqa=True` variant also knows the
+  synthetic questions, their answers and the task prompts ("caption en",
+  "answer en ..."), for models trained on `synthetic?task=vqa`
+  (`uses_synthetic_vqa` tells when).
 * The command line trains one on the captions of any source (docs/tokenizer.md):
 
     python -m vljax.data.tokenizer train SPEC --vocab_size N --out PATH \\
@@ -56,8 +59,15 @@ TOKENIZER_FILENAME = 'tokenizer.model'
 
 # Bump when the corpus recipe changes in a way the hash would not see.
 _SYNTHETIC_VERSION = 1
+# The task prompts of a PaLI-style model ("caption en" -> caption, "answer en {question}" ->
+# answer), in the corpus of the vqa variant of the synthetic tokenizer.
+_CAPTION_PROMPT = 'caption en'
+_VQA_PROMPT = 'answer en'
 _SYNTHETIC_NUM_CAPTIONS = 2000
 _DEFAULT_SYNTHETIC_VOCAB = 256
+# The vqa variant's words (questions, prompts) need more pieces: at 256 'part' and 'which'
+# split into characters; from 272 on every word of every question is one piece.
+_DEFAULT_SYNTHETIC_VQA_VOCAB = 288
 # Every printable ASCII character appears in the corpus so that arbitrary
 # English text (prompts, VQA questions) encodes without <unk>.
 _ASCII_LINE = ''.join(chr(c) for c in range(33, 127))
@@ -260,35 +270,47 @@ def _default_cache_dir() -> str:
       os.path.expanduser('~'), '.cache', 'vljax')
 
 
-def _synthetic_corpus() -> list[str]:
-  """Sentences the synthetic tokenizer is trained on."""
+def _synthetic_corpus(vqa: bool = False) -> list[str]:
+  """Sentences the synthetic tokenizer is trained on (vqa: and the VQA task's texts)."""
   corpus = synthetic.all_captions(_SYNTHETIC_NUM_CAPTIONS, seed=0)
   corpus += [p for prompts in synthetic.class_prompts() for p in prompts]
+  if vqa:
+    # The texts a PaLI-style model reads and writes on synthetic?task=vqa: prompts with the
+    # questions, the answers, and the captioning prompt, as often as the captions, so that
+    # BPE gives each of their words one piece.
+    for question, answer in synthetic.all_questions(_SYNTHETIC_NUM_CAPTIONS, seed=0):
+      corpus += [f'{_VQA_PROMPT} {question}', answer]
+    corpus += [_CAPTION_PROMPT] * _SYNTHETIC_NUM_CAPTIONS
   corpus.append(_ASCII_LINE)
   return corpus
 
 
 def train_synthetic_tokenizer(cache_dir: str | None = None,
-                              vocab_size: int = _DEFAULT_SYNTHETIC_VOCAB
-                              ) -> str:
+                              vocab_size: int | None = None,
+                              vqa: bool = False) -> str:
   """Trains (or finds cached) a sentencepiece model for the synthetic captions.
 
-  The model is cached as `<cache_dir>/synthetic_spm_<hash>.model`, where the
-  hash covers the corpus and the trainer settings, so changing either trains
-  a new one. It is written atomically (`write_atomic`).
+  The model is cached as `<cache_dir>/synthetic_spm_<hash>.model` (vqa:
+  `synthetic_vqa_spm_<hash>.model`), where the hash covers the corpus and the
+  trainer settings, so changing either trains a new one. It is written
+  atomically (`write_atomic`).
 
   Args:
     cache_dir: where to cache the model; defaults to $VLJAX_CACHE, else
       ~/.cache/vljax.
-    vocab_size: target vocabulary size. It is a soft limit: the tiny corpus
-      may support fewer pieces, and training then stops early instead of
-      failing.
+    vocab_size: target vocabulary size (None: 256, or 288 with vqa). It is a
+      soft limit: the tiny corpus may support fewer pieces, and training then
+      stops early instead of failing.
+    vqa: train on the synthetic questions, answers and task prompts as well
+      (for synthetic?task=vqa); False gives the caption-only model, unchanged.
 
   Returns:
     The path of the `.model` file.
   """
   cache_dir = cache_dir or _default_cache_dir()
-  corpus = _synthetic_corpus()
+  if vocab_size is None:
+    vocab_size = _DEFAULT_SYNTHETIC_VQA_VOCAB if vqa else _DEFAULT_SYNTHETIC_VOCAB
+  corpus = _synthetic_corpus(vqa)
   settings = dict(
       # BPE merges every caption word into one piece at this size (unigram
       # stalls at ~140 sub-word pieces on this corpus), so captions stay short.
@@ -299,7 +321,8 @@ def train_synthetic_tokenizer(cache_dir: str | None = None,
   digest = hashlib.sha256(
       json.dumps(settings, sort_keys=True).encode() + b'\0' +
       '\n'.join(corpus).encode()).hexdigest()[:16]
-  path = os.path.join(cache_dir, f'synthetic_spm_{digest}.model')
+  name = 'synthetic_vqa_spm' if vqa else 'synthetic_spm'
+  path = os.path.join(cache_dir, f'{name}_{digest}.model')
   if os.path.exists(path):
     return path
   trainer_args = {k: v for k, v in settings.items() if k != 'version'}
@@ -307,20 +330,23 @@ def train_synthetic_tokenizer(cache_dir: str | None = None,
   return path
 
 
-def get_tokenizer(path: str | None = None, lowercase: bool = False
-                  ) -> Tokenizer:
+def get_tokenizer(path: str | None = None, lowercase: bool = False,
+                  synthetic_vqa: bool = False) -> Tokenizer:
   """The tokenizer at `path` (config.tokenizer.path), or the synthetic one.
 
   Args:
     path: a sentencepiece `.model` file; None or '' selects the tokenizer
       trained on the synthetic captions (see `check_config`).
     lowercase: lowercase texts before encoding.
+    synthetic_vqa: without `path`, the synthetic tokenizer that also knows
+      the VQA texts (`train_synthetic_tokenizer(vqa=True)`); pass
+      `uses_synthetic_vqa(config.data.train)`. Ignored when `path` is given.
 
   Raises:
     FileNotFoundError: `path` is given but does not exist.
   """
   if not path:
-    path = train_synthetic_tokenizer()
+    path = train_synthetic_tokenizer(vqa=synthetic_vqa)
   elif not os.path.exists(path):
     raise FileNotFoundError(
         f'Tokenizer model {path!r} not found; check config.tokenizer.path '
@@ -338,6 +364,26 @@ def _is_synthetic(spec: str) -> bool:
     if name != 'synthetic':
       return False
   return True
+
+
+def uses_synthetic_vqa(spec: str) -> bool:
+  """Whether a source spec, or a part of a mixture, is `synthetic?task=vqa`.
+
+  A spec (or part) that does not parse counts as not naming it: the data
+  checks report it, with the config key.
+  """
+  try:
+    parts = mixture.split_spec(spec)
+  except ConfigError:
+    return False
+  for _, part in parts:
+    try:
+      kind, _, options = sources.parse_spec(part)
+    except ConfigError:
+      continue
+    if kind == 'synthetic' and options.get('task') == 'vqa':
+      return True
+  return False
 
 
 def train_command(spec: str, out: str = 'tokenizer.model',

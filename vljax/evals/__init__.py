@@ -9,11 +9,14 @@ already-normalised float32. A set may also carry 'spec' (the source string it ca
 
 Objectives with embed_images/embed_texts get zero-shot top-1 and retrieval recall@{1,5,10};
 objectives with generate(params, images, max_len) get captioning CIDEr-D and BLEU-4 on the
-retrieval set's images against its captions. Every evaluation also reports what it scored
+retrieval set's images against its captions; objectives that also ask questions (vqa_prefix) get
+VQA accuracy on the 'vqa' set ({'image', 'question', 'answers', 'answer_type'}). Every evaluation also reports what it scored
 (eval/zeroshot_examples, eval/retrieval_images, ...; docs/evaluation.md).
 """
 from __future__ import annotations
 
+import collections
+import logging
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -109,6 +112,15 @@ class CaptioningEvaluator:
     self.batch_size = batch_size
     self._generate = lambda params, images: objective.generate(params, images, max_len)
     self.last_captions: list[str] = []
+    self.baseline = self._constant_caption_baseline(data["captions"])
+
+  def _constant_caption_baseline(self, captions: list[str]) -> dict[str, float]:
+    """CIDEr-D of giving every image the set's most frequent caption: an image-blind baseline
+    to read eval/cider against."""
+    from vljax.evals import captioning  # pylint: disable=g-import-not-at-top
+    frequent = collections.Counter(captions).most_common(1)[0][0]
+    scores = captioning.compute_scores(self.references, [frequent] * len(self.references))
+    return {"eval/cider_most_frequent_caption": float(scores["cider"])}
 
   def __call__(self, params: Any) -> dict[str, float]:
     from vljax.evals import captioning  # pylint: disable=g-import-not-at-top
@@ -119,7 +131,57 @@ class CaptioningEvaluator:
     self.last_captions = self.tokenizer.decode_batch(np.asarray(tokens))
     scores = captioning.compute_scores(self.references, self.last_captions)
     return {"eval/cider": float(scores["cider"]), "eval/bleu4": float(scores["bleu4"]),
-            "eval/captioning_examples": float(len(self.images))}
+            "eval/captioning_examples": float(len(self.images)), **self.baseline}
+
+
+class VqaEvaluator:
+  """VQA accuracy (the official VQAv2 definition, vljax.evals.vqa) of greedy answers.
+
+  Each question is asked as the objective's VQA prompt (objective.vqa_prefix(question),
+  e.g. "answer en {question}") about its image; the answer is decoded greedily.
+  """
+
+  def __init__(self, objective, eval_sets: dict[str, Any], tokenizer, max_len: int,
+               mesh: Mesh, batch_size: int):
+    data = eval_sets["vqa"]
+    self.images = data["image"]
+    self._prepare = common.image_prepare(data)
+    self.prefixes = objective.encode_prefixes([objective.vqa_prefix(q)
+                                               for q in data["question"]])
+    self.answers = data["answers"]
+    self.answer_types = data.get("answer_type")
+    if self.answer_types is not None and not any(self.answer_types):
+      self.answer_types = None
+    self.tokenizer = tokenizer
+    self.mesh = mesh
+    self.batch_size = batch_size
+    self._generate = lambda params, images, prefix: objective.generate(params, images, max_len,
+                                                                       prefix)
+    self.last_answers: list[str] = []
+    self.baseline = self._best_constant_answer()
+
+  def _best_constant_answer(self) -> dict[str, float]:
+    """The accuracy of the best single answer given to every question (among the 20 most
+    common human answers): what a model that ignores the image and question can score."""
+    from vljax.evals import vqa  # pylint: disable=g-import-not-at-top
+    counts = collections.Counter(a for answers in self.answers for a in answers)
+    best, best_answer = -1.0, ""
+    for answer, _ in counts.most_common(20):
+      score = vqa.vqa_accuracy([answer] * len(self.answers), self.answers)["vqa_accuracy"]
+      if score > best:
+        best, best_answer = score, answer
+    logging.info("VQA baseline: answering %r to every question scores %.4f.", best_answer,
+                 best)
+    return {"eval/vqa_accuracy_best_constant": float(best)}
+
+  def __call__(self, params: Any) -> dict[str, float]:
+    from vljax.evals import vqa  # pylint: disable=g-import-not-at-top
+    tokens = common.embed_all(self._generate, params, (self.images, self.prefixes), self.mesh,
+                              self.batch_size, self._prepare)
+    tokens = multihost_utils.process_allgather(tokens, tiled=True)
+    self.last_answers = self.tokenizer.decode_batch(np.asarray(tokens))
+    scores = vqa.vqa_accuracy(self.last_answers, self.answers, self.answer_types)
+    return {**{f"eval/{k}": float(v) for k, v in scores.items()}, **self.baseline}
 
 
 class Evaluator:
@@ -154,15 +216,19 @@ def build_evaluator(config, objective, eval_sets: dict[str, Any], tokenizer, mes
                     rules) -> Evaluator:
   """The evaluations that fit `objective`: contrastive heads, captioning."""
   parts, scored = [], set()
+  decode_len = config.eval.get("decode_len", -1)
+  if decode_len is None or decode_len < 0:
+    decode_len = config.data.max_len
   if hasattr(objective, "embed_images") and hasattr(objective, "embed_texts"):
     parts.append(ContrastiveEvaluator(objective, eval_sets, tokenizer, config.data.max_len,
                                       mesh, config.eval.batch_size))
-    scored.update(eval_sets)
+    scored.update(k for k in eval_sets if k in ("zeroshot", "retrieval"))
   if hasattr(objective, "generate") and "retrieval" in eval_sets:
     scored.add("retrieval")
-    decode_len = config.eval.get("decode_len", -1)
-    if decode_len is None or decode_len < 0:
-      decode_len = config.data.max_len
     parts.append(CaptioningEvaluator(objective, eval_sets, tokenizer, decode_len, mesh,
                                      config.eval.batch_size))
+  if hasattr(objective, "vqa_prefix") and "vqa" in eval_sets:
+    scored.add("vqa")
+    parts.append(VqaEvaluator(objective, eval_sets, tokenizer, decode_len, mesh,
+                              config.eval.batch_size))
   return Evaluator(parts, mesh, rules, {name: eval_sets[name] for name in sorted(scored)})

@@ -13,34 +13,43 @@ from vljax import sharding
 from vljax.data import preprocess
 
 
-def embed_all(embed_fn: Callable[[Any, jax.Array], jax.Array], params: Any, inputs: np.ndarray,
-              mesh: Mesh, batch_size: int,
+def embed_all(embed_fn: Callable[..., jax.Array], params: Any,
+              inputs: np.ndarray | tuple[np.ndarray, ...], mesh: Mesh, batch_size: int,
               prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> jax.Array:
-  """Applies a jitted `embed_fn(params, x)` to `inputs` in global batches sharded over the mesh.
+  """Applies a jitted `embed_fn(params, x, ...)` to `inputs` in global batches sharded over the
+  mesh.
 
-  `prepare`, if given, maps each host batch before it goes to the devices (e.g. uint8 pixels to
-  normalised float32, so a whole set never exists as floats). The last batch is padded by
-  repeating its final row; the padding rows are cut off again, so the result has exactly
-  len(inputs) rows. Returns a [N, d] array.
+  `inputs` is one array or a tuple of arrays with the same number of rows (e.g. images and
+  their prompts), passed to embed_fn as separate arguments. `prepare`, if given, maps each host
+  batch of the first array before it goes to the devices (e.g. uint8 pixels to normalised
+  float32, so a whole set never exists as floats). The last batch is padded by repeating its
+  final row; the padding rows are cut off again, so the result has exactly len(inputs) rows.
+  Returns a [N, ...] array.
   """
-  n = len(inputs)
+  arrays = inputs if isinstance(inputs, tuple) else (inputs,)
+  n = len(arrays[0])
   if n == 0:
     raise ValueError("Cannot evaluate on an empty set of inputs.")
+  if any(len(a) != n for a in arrays):
+    raise ValueError(f"Inputs with different row counts: {[len(a) for a in arrays]}.")
   devices = mesh.size
   batch_size = max(devices, batch_size - batch_size % devices)
   outputs = []
   for start in range(0, n, batch_size):
-    chunk = inputs[start:start + batch_size]
-    real = len(chunk)
-    if real < batch_size:
-      pad = np.repeat(chunk[-1:], batch_size - real, axis=0)
-      chunk = np.concatenate([chunk, pad], axis=0)
-    if prepare is not None:
-      chunk = prepare(chunk)
-    # Every process holds the whole chunk and places the rows its devices own.
-    x = jax.make_array_from_callback(chunk.shape, sharding.batch_sharding(mesh, chunk.ndim),
-                                     lambda index, c=chunk: c[index])
-    outputs.append(embed_fn(params, x)[:real])
+    chunks = []
+    for k, array in enumerate(arrays):
+      chunk = array[start:start + batch_size]
+      real = len(chunk)
+      if real < batch_size:
+        pad = np.repeat(chunk[-1:], batch_size - real, axis=0)
+        chunk = np.concatenate([chunk, pad], axis=0)
+      if k == 0 and prepare is not None:
+        chunk = prepare(chunk)
+      # Every process holds the whole chunk and places the rows its devices own.
+      chunks.append(jax.make_array_from_callback(
+          chunk.shape, sharding.batch_sharding(mesh, chunk.ndim),
+          lambda index, c=chunk: c[index]))
+    outputs.append(embed_fn(params, *chunks)[:real])
   return jnp.concatenate(outputs, axis=0)
 
 

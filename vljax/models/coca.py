@@ -18,6 +18,11 @@ Masking: a caption is its tokens up to and including the first EOS; whatever fol
 or any other ids) is never attended to, so neither the text embedding nor the logits at real
 positions depend on the padding. The CLS token is appended after the padding without a
 position embedding, so its output does not depend on where the padding ends either.
+
+Decoding: init_cache runs everything that does not depend on the generated tokens once (the
+image side, and each multimodal layer's cross-attention keys/values of the decoder context);
+decode_step(tokens, position, cache) then projects only the new tokens. Every cache leaf has the
+batch as leading dimension (see vljax.decode).
 """
 from __future__ import annotations
 
@@ -158,29 +163,35 @@ class CocaTextDecoder(nn.Module):
     logits = self.logits_head(self.decoder_norm(x)).astype(jnp.float32)
     return layers.constrain(logits, ("act_batch", "act_len", None))
 
-  def init_cache(self, batch: int, length: int) -> dict[str, Any]:
-    """Empty self-attention KV caches for decoding up to `length` tokens."""
-    make = lambda: layers.init_kv_cache(batch, length, self.width, self.num_heads, self.dtype)
-    return {"unimodal": [make() for _ in range(self.unimodal_depth)],
-            "multimodal": [make() for _ in range(self.multimodal_depth)]}
+  def init_cache(self, context: Array, length: int) -> dict[str, Any]:
+    """Decoding cache for up to `length` decoder inputs, given image context [B, n, Dc].
 
-  def decode_step(self, tokens: Array, position: Array, context: Array,
+    'unimodal' / 'multimodal': one cache per layer (layers.DecoderBlock.init_cache), every leaf
+    batch-leading. Each multimodal layer's holds empty self-attention keys/values and the
+    cross-attention keys/values of the context, computed here once; the context itself is not
+    kept, decode_step needs only these.
+    """
+    batch = context.shape[0]
+    return {"unimodal": [blk.init_cache(batch, length, self.width) for blk in self.unimodal],
+            "multimodal": [blk.init_cache(batch, length, self.width, context)
+                           for blk in self.multimodal]}
+
+  def decode_step(self, tokens: Array, position: Array,
                   cache: dict[str, Any]) -> tuple[Array, dict[str, Any]]:
     """Feeds the decoder inputs [B, T] at positions position.. and returns next-token logits.
 
-    The CLS token is not needed: under the causal mask no caption position attends to it.
+    The CLS token is not needed: under the causal mask no caption position attends to it. The
+    image enters only through the cached cross-attention keys/values (init_cache).
 
     Returns:
       (logits [B, T, vocab] float32, updated cache).
     """
     x = self._embed(tokens, position)
     new = {"unimodal": [], "multimodal": []}
-    for blk, c in zip(self.unimodal, cache["unimodal"]):
-      x, c = blk(x, None, cache=c, position=position)
-      new["unimodal"].append(c)
-    for blk, c in zip(self.multimodal, cache["multimodal"]):
-      x, c = blk(x, None, context, cache=c, position=position)
-      new["multimodal"].append(c)
+    for half, blocks in (("unimodal", self.unimodal), ("multimodal", self.multimodal)):
+      for blk, c in zip(blocks, cache[half]):
+        x, c = blk(x, None, cache=c, position=position)
+        new[half].append(c)
     return self._logits(x), new
 
 
@@ -275,9 +286,13 @@ class CoCa(nn.Module):
     """Full-prefix logits [B, L, vocab] of captions [B, L] given the decoder context."""
     return self.txt(tokens, context)[1]
 
-  def init_cache(self, batch: int, length: int) -> dict[str, Any]:
-    return self.txt.init_cache(batch, length)
+  def init_cache(self, images: Array, length: int) -> dict[str, Any]:
+    """Decoding cache for captions of up to `length` tokens of images [B, H, W, 3]: the image
+    side and every multimodal layer's cross-attention keys/values run here, once (see
+    CocaTextDecoder.init_cache)."""
+    return self.txt.init_cache(self.decoder_context(images), length)
 
-  def decode_step(self, tokens: Array, position: Array, context: Array,
+  def decode_step(self, tokens: Array, position: Array,
                   cache: dict[str, Any]) -> tuple[Array, dict[str, Any]]:
-    return self.txt.decode_step(tokens, position, context, cache)
+    """Decoder inputs [B, T] at positions position.. -> (logits [B, T, vocab], cache)."""
+    return self.txt.decode_step(tokens, position, cache)

@@ -122,17 +122,20 @@ class DenseGeneral(nn.Module):
     return y + bias.astype(self.dtype)
 
 
+def _head_projection(name: str, num_heads: int, head_dim: int, dtype,
+                     param_dtype) -> DenseGeneral:
+  """A query/key/value projection [B, L, D] -> [B, L, heads, head_dim] named `name`.
+
+  Created from an attention module's compact method, so the projection is its child.
+  """
+  return DenseGeneral((num_heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"),
+                      dtype=dtype, param_dtype=param_dtype, name=name)
+
+
 def _project_qkv(inputs_q: Array, inputs_kv: Array, num_heads: int, head_dim: int, dtype,
                  param_dtype) -> tuple[Array, Array, Array]:
-  """Query/key/value projections to [B, L, heads, head_dim], named query/key/value.
-
-  Called from an attention module's compact __call__, so the projections are its children.
-  """
-
-  def proj(name):
-    return DenseGeneral((num_heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"),
-                        dtype=dtype, param_dtype=param_dtype, name=name)
-
+  """Query/key/value projections to [B, L, heads, head_dim], named query/key/value."""
+  proj = lambda name: _head_projection(name, num_heads, head_dim, dtype, param_dtype)
   return (constrain(proj("query")(inputs_q), ACT_HEADS),
           constrain(proj("key")(inputs_kv), ACT_HEADS),
           constrain(proj("value")(inputs_kv), ACT_HEADS))
@@ -140,6 +143,10 @@ def _project_qkv(inputs_q: Array, inputs_kv: Array, num_heads: int, head_dim: in
 
 class MultiHeadAttention(nn.Module):
   """Multi-head dot-product attention with logically named q/k/v/out projections.
+
+  Attention to a fixed inputs_kv (a decoder's cross-attention context) can project it once:
+  `project_keys_values` returns its keys and values, and later calls take them as
+  `keys_values=` instead of inputs_kv, running only the query and output projections.
 
   Attributes:
     num_heads: number of heads; the input width must be divisible by it.
@@ -154,32 +161,59 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None,
-               train: bool = False) -> Array:
+  def __call__(self, inputs_q: Array, inputs_kv: Array | None, mask: Array | None = None,
+               train: bool = False, *,
+               keys_values: tuple[Array, Array] | None = None) -> Array:
     """Attends from inputs_q [B, Lq, D] to inputs_kv [B, Lk, Dkv].
 
     Args:
       inputs_q: queries.
-      inputs_kv: keys/values.
+      inputs_kv: keys/values; None when keys_values is given.
       mask: optional boolean, broadcastable to [B, heads, Lq, Lk]; True = may attend.
       train: enables dropout.
+      keys_values: (keys, values) [B, Lk, heads, head_dim] from project_keys_values, used
+        instead of projecting inputs_kv.
 
     Returns:
       [B, Lq, out_features].
     """
-    features = self.qkv_features or inputs_q.shape[-1]
-    out_features = self.out_features or inputs_q.shape[-1]
+    if (inputs_kv is None) == (keys_values is None):
+      raise ValueError("Give MultiHeadAttention either inputs_kv or keys_values.")
+    return self._attention(inputs_q, inputs_kv, keys_values, mask, train, None)
+
+  def project_keys_values(self, inputs_kv: Array, query_width: int) -> tuple[Array, Array]:
+    """(keys, values) [B, Lk, heads, head_dim] of inputs_kv [B, Lk, Dkv], as __call__ computes
+    them for queries of width `query_width` (which sets the head size unless qkv_features)."""
+    return self._attention(None, inputs_kv, None, None, False, query_width)
+
+  @nn.compact
+  def _attention(self, inputs_q: Array | None, inputs_kv: Array | None,
+                 keys_values: tuple[Array, Array] | None, mask: Array | None, train: bool,
+                 query_width: int | None) -> Array | tuple[Array, Array]:
+    """The one compact method behind both entry points (flax allows one per module), so that
+    both create the same children: query, key, value, out. Without inputs_q it returns the
+    projected (keys, values) instead of attending."""
+    query_width = query_width if inputs_q is None else inputs_q.shape[-1]
+    features = self.qkv_features or query_width
+    out_features = self.out_features or query_width
     if features % self.num_heads:
       raise ValueError(f"Attention width {features} is not divisible by "
                        f"num_heads={self.num_heads}.")
     head_dim = features // self.num_heads
+    proj = lambda name: _head_projection(name, self.num_heads, head_dim, self.dtype,
+                                         self.param_dtype)
 
-    q, k, v = _project_qkv(inputs_q, inputs_kv, self.num_heads, head_dim, self.dtype,
-                           self.param_dtype)
+    if keys_values is None:
+      k = constrain(proj("key")(inputs_kv), ACT_HEADS)
+      v = constrain(proj("value")(inputs_kv), ACT_HEADS)
+    else:
+      k, v = keys_values
+    if inputs_q is None:
+      return k, v
+    q = constrain(proj("query")(inputs_q), ACT_HEADS)
 
     q = q / jnp.sqrt(head_dim).astype(q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype))
     # Softmax in float32 so that bf16 compute stays stable; a fully masked row becomes a uniform
     # distribution (finite) rather than NaN, because masked logits are a large finite negative.
     logits = logits.astype(jnp.float32)
@@ -187,7 +221,7 @@ class MultiHeadAttention(nn.Module):
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     probs = nn.Dropout(rate=self.dropout)(probs, deterministic=not train)
-    x = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    x = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype))
     x = constrain(x, ACT_HEADS)
 
     return DenseGeneral((out_features,), ("heads", "kv", "embed"), ("embed",), in_ndim=2,
@@ -338,6 +372,10 @@ class DecoderBlock(nn.Module):
   """Pre-LN decoder block: causal self-attention (KV-cacheable), optional cross-attention, MLP.
 
   x + SelfAttn(LN(x)); [x + CrossAttn(LN(x), context)]; x + MLP(LN(x)).
+
+  Its decoding cache (init_cache) holds the self-attention's 'key'/'value' [B, S, heads,
+  head_dim] and, with cross-attention, 'cross_key'/'cross_value' [B, n, heads, head_dim]: the
+  context's keys and values, projected once, so that decoding steps never project it again.
   """
   mlp_dim: int
   num_heads: int
@@ -346,27 +384,77 @@ class DecoderBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  @nn.compact
   def __call__(self, x: Array, mask: Array | None = None, context: Array | None = None,
                cache: dict[str, Array] | None = None, position: Array | None = None,
                train: bool = False) -> tuple[Array, dict[str, Array] | None]:
-    """Returns (output [B, T, D], updated self-attention cache or None)."""
+    """Runs inputs x [B, T, D].
+
+    Without a cache, over the whole sequence under `mask`, a cross-attention block attending to
+    context [B, n, Dc]. With a cache (from init_cache), x are the tokens at positions
+    position .. position+T-1 and a cross-attention block attends to the cache's keys/values
+    of the context, so it takes no context.
+
+    Returns:
+      (output [B, T, D], updated cache or None).
+    """
+    return self._block(x, mask, context, cache, position, train, None)
+
+  def init_cache(self, batch: int, length: int, width: int,
+                 context: Array | None = None) -> dict[str, Array]:
+    """A decoding cache for up to `length` inputs of width `width`.
+
+    Empty self-attention keys/values and, for a cross-attention block, the keys/values of
+    context [batch, n, Dc], computed here (the only projection of the context in decoding).
+    """
+    cache = init_kv_cache(batch, length, width, self.num_heads, self.dtype)
+    if self.cross_attention:
+      if context is None:
+        raise ValueError("A cross-attention DecoderBlock's cache needs the context.")
+      keys, values = self._block(None, None, context, None, None, False, width)
+      cache.update(cross_key=keys, cross_value=values)
+    return cache
+
+  @nn.compact
+  def _block(self, x: Array | None, mask: Array | None, context: Array | None,
+             cache: dict[str, Array] | None, position: Array | None, train: bool,
+             cross_kv_width: int | None) -> Any:
+    """The one compact method behind __call__ and init_cache (flax allows one per module), so
+    that both reach the same CrossAttention. Without x, returns only the cross-attention's
+    (keys, values) of `context` for queries of width cross_kv_width."""
+
+    def cross_attention(width):
+      return MultiHeadAttention(self.num_heads, out_features=width, dtype=self.dtype,
+                                param_dtype=self.param_dtype, name="CrossAttention")
+
+    if x is None:
+      return cross_attention(cross_kv_width).project_keys_values(context, cross_kv_width)
+
     x = constrain(x, ACT_SEQ)
     y = layer_norm(self.dtype, self.param_dtype, name="LayerNorm_0")(x)
-    y, cache = KVCacheAttention(self.num_heads, dropout=self.dropout, dtype=self.dtype,
-                                param_dtype=self.param_dtype, name="SelfAttention")(
-                                    y, mask, cache, position, train)
+    self_cache = None if cache is None else {"key": cache["key"], "value": cache["value"]}
+    y, self_cache = KVCacheAttention(self.num_heads, dropout=self.dropout, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name="SelfAttention")(
+                                         y, mask, self_cache, position, train)
     y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
     x = constrain(x + y, ACT_SEQ)
     if self.cross_attention:
-      if context is None:
-        raise ValueError("A cross-attention DecoderBlock needs a context.")
       y = layer_norm(self.dtype, self.param_dtype, name="LayerNorm_cross")(x)
-      y = MultiHeadAttention(self.num_heads, out_features=x.shape[-1], dtype=self.dtype,
-                             param_dtype=self.param_dtype, name="CrossAttention")(
-                                 y, context, None, train)
+      attend = cross_attention(x.shape[-1])
+      if cache is None:
+        if context is None:
+          raise ValueError("A cross-attention DecoderBlock needs a context.")
+        y = attend(y, context, None, train)
+      else:
+        # Decoding: the cache holds the context's keys/values; a context given here would be
+        # projected again at every step, which is what the cache is there to avoid.
+        if context is not None or "cross_key" not in cache:
+          raise ValueError("A cached cross-attention DecoderBlock takes the context's keys/"
+                           "values from its cache (init_cache(..., context)), not a context.")
+        y = attend(y, None, None, train, keys_values=(cache["cross_key"], cache["cross_value"]))
       y = nn.Dropout(rate=self.dropout)(y, deterministic=not train)
       x = constrain(x + y, ACT_SEQ)
+    if cache is not None:
+      cache = {**cache, **self_cache}
     return _mlp_residual(self, x, train), cache
 
 

@@ -1,9 +1,8 @@
 """Training objectives: one per model family, all plugged into the one train step.
 
-An objective owns a flax model and exposes
-  init(rng, batch) -> params (boxed with logical partitioning metadata)
-  loss_fn(params, batch, rng) -> (scalar loss, {name: scalar metric})
-and, for contrastive families, embed_images / embed_texts for evaluation.
+An objective owns a flax model and implements the contract of vljax.objectives.base (its batch,
+init, loss, optional non-gradient state); contrastive families add embed_images / embed_texts,
+generative ones generate(params, images, max_len, ...) for evaluation.
 """
 from __future__ import annotations
 
@@ -16,7 +15,9 @@ def make_objective(config: ml_collections.ConfigDict, tokenizer):
   """Builds the objective named by config.objective."""
   from vljax.objectives import two_towers  # pylint: disable=g-import-not-at-top
   from vljax.objectives import coca  # pylint: disable=g-import-not-at-top
-  registry = {"two_towers": two_towers.TwoTowersObjective, "coca": coca.CocaObjective}
+  from vljax.objectives import pali  # pylint: disable=g-import-not-at-top
+  registry = {"two_towers": two_towers.TwoTowersObjective, "coca": coca.CocaObjective,
+              "pali": pali.PaliObjective}
   if config.objective not in registry:
     raise ConfigError(f"config.objective={config.objective!r}; known objectives: "
                       f"{sorted(registry)}.")

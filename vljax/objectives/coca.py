@@ -14,38 +14,13 @@ import ml_collections
 
 from vljax import decode
 from vljax.configlib import ConfigError
+from vljax.losses import captioning_loss
 from vljax.models import coca
+from vljax.objectives import base
 from vljax.objectives import contrastive
 
 
-
-def captioning_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array,
-                    label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
-  """Token cross-entropy averaged over the real (mask) target positions.
-
-  Args:
-    logits: [B, L, V] float32.
-    targets: [B, L] int ids.
-    mask: [B, L] bool, True where the target counts.
-    label_smoothing: mass spread uniformly over the vocabulary.
-
-  Returns:
-    (loss, token accuracy), both scalars. Under jit the arrays are the *global* batch (sharded
-    or not), so these sums already run over the global batch's real tokens: the normalisation
-    does not depend on how the batch is split over devices.
-  """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  if label_smoothing:
-    nll = (1.0 - label_smoothing) * nll - label_smoothing * jnp.mean(logp, axis=-1)
-  mask = mask.astype(jnp.float32)
-  denom = jnp.maximum(jnp.sum(mask), 1.0)
-  loss = jnp.sum(nll * mask) / denom
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return loss, jnp.sum(correct * mask) / denom
-
-
-class CocaObjective:
+class CocaObjective(base.Objective):
   """CoCa: image-text contrastive loss on the poolers/CLS + captioning LM loss on the decoder."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer):
@@ -53,6 +28,8 @@ class CocaObjective:
     if self.loss_cfg.contrastive_weight < 0 or self.loss_cfg.captioning_weight < 0:
       raise ConfigError("config.loss.contrastive_weight and captioning_weight must be >= 0.")
     self.model = coca.CoCa(**contrastive.model_kwargs(config, tokenizer))
+    self.image_size, self.max_len = config.data.image_size, config.data.max_len
+    self.tokenizer = tokenizer
     self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
     self.bos_id = tokenizer.vocab_size
 
@@ -94,16 +71,17 @@ class CocaObjective:
   def step_fn(self, params: Any, cached: bool = True) -> decode.StepFn:
     """step_fn(state, token [N], position) -> (logits [N, V], state) for vljax.decode.
 
-    The state (from init_decode_state) holds the decoder context of each row, so beam search
-    can repeat and reorder it with the rest. cached=False recomputes the whole prefix every
-    step: the reference the KV cache is tested against.
+    The state comes from init_decode_state(cached=cached); every leaf is batch-leading, so beam
+    search can repeat and reorder it. cached=True: the state is CoCa's decoding cache (the
+    multimodal layers' cross-attention keys/values of the image, computed once, and the
+    self-attention keys/values so far). cached=False recomputes the whole prefix, image
+    cross-attention included, every step: the reference the cache is tested against.
     """
 
-    def cached_step(state, token, position):
-      logits, kv = self.model.apply({"params": params}, token[:, None], position,
-                                    state["context"], state["kv"],
-                                    method=coca.CoCa.decode_step)
-      return self._mask_pad(logits[:, 0]), {"context": state["context"], "kv": kv}
+    def cached_step(cache, token, position):
+      logits, cache = self.model.apply({"params": params}, token[:, None], position, cache,
+                                       method=coca.CoCa.decode_step)
+      return self._mask_pad(logits[:, 0]), cache
 
     def uncached_step(state, token, position):
       # The history is the input buffer [N, max_len + 1] (BOS first); its future slots hold pad
@@ -119,14 +97,17 @@ class CocaObjective:
 
   def init_decode_state(self, params: Any, images: jax.Array, max_len: int,
                         cached: bool = True) -> dict[str, Any]:
-    """The initial decoding state of step_fn(params, cached) for images [N, H, W, 3]."""
-    context = self.model.apply({"params": params}, images, method=coca.CoCa.decoder_context)
-    batch = images.shape[0]
+    """The initial decoding state of step_fn(params, cached) for images [N, H, W, 3].
+
+    cached: CoCa.init_cache (the image is encoded and cross-attention keys/values projected
+    here, once); otherwise the decoder context and an empty token history.
+    """
     if cached:
-      kv = self.model.apply({"params": params}, batch, max_len, method=coca.CoCa.init_cache)
-      return {"context": context, "kv": kv}
+      return self.model.apply({"params": params}, images, max_len,
+                              method=coca.CoCa.init_cache)
+    context = self.model.apply({"params": params}, images, method=coca.CoCa.decoder_context)
     return {"context": context,
-            "history": jnp.full((batch, max_len + 1), self.pad_id, jnp.int32)}
+            "history": jnp.full((images.shape[0], max_len + 1), self.pad_id, jnp.int32)}
 
   def start_tokens(self, batch: int) -> jax.Array:
     return jnp.full((batch,), self.bos_id, jnp.int32)

@@ -7,14 +7,17 @@ import jax
 import ml_collections
 
 from vljax.models import two_towers
+from vljax.objectives import base
 from vljax.objectives import contrastive
 
 
-class TwoTowersObjective:
+class TwoTowersObjective(base.Objective):
   """Contrastive loss between the L2-normalised image and text embeddings of a batch."""
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer):
     self.loss_cfg = config.loss
+    self.image_size, self.max_len = config.data.image_size, config.data.max_len
+    self.tokenizer = tokenizer
     self.model = two_towers.TwoTowers(**contrastive.model_kwargs(config, tokenizer))
 
   def init(self, rng: jax.Array, batch: dict[str, Any]) -> Any:

@@ -1,0 +1,122 @@
+"""The objective contract: what the one trainer asks of a model family.
+
+An objective is a flax model plus a loss. The trainer (vljax.train) derives everything else from
+what the objective declares, and never names a batch key or a family:
+
+  batch_fields()               {name: BatchField}: the arrays of one training batch, per example
+                               (shape, dtype as they cross to the device, logical axes). The
+                               trainer builds the init dummy, the step's input shardings and the
+                               ahead-of-time compile shapes from it.
+  batch_from_examples(exs)     host-side collation of decoded examples ({'caption', 'label',
+                               and 'question'/'answers' where the record has them}) into the
+                               declared non-pixel fields; runs in the input pipeline.
+  init(rng, batch)             the parameters (boxed with logical partitioning metadata).
+  init_extra(rng, params, batch)
+                               non-gradient state the objective owns (a momentum copy of the
+                               weights, feature queues, its own counters, a frozen network):
+                               boxed or plain arrays; {} = none. Lives in TrainState.extra, is
+                               sharded (leaves without logical names are replicated),
+                               checkpointed and restored with the rest. `params` may be boxed or
+                               plain: the trainer calls it again with the loaded weights when a
+                               run starts from config.init, so a momentum copy starts from them.
+  loss_fn(params, batch, rng)  (scalar loss, {name: scalar metric}) for objectives without state.
+  loss_with_extra(params, extra, batch, rng)
+                               (loss, (metrics, outputs)): the general form the trainer calls;
+                               `extra` enters as a constant (no gradient flows into it) and
+                               `outputs` is any pytree handed to update_extra.
+  update_extra(extra, params, outputs, step)
+                               the new state, called once per step inside the jitted step AFTER
+                               the optimizer update (`params` are the updated weights, as an EMA
+                               needs; `step` is the index of the step just taken).
+
+A field whose BatchField has `pixels_with` set is uint8 pixels on the host; the step normalises
+it on the device with the image options and the brightness deltas of the named field before the
+objective sees it (as float32).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from vljax.data import pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchField:
+  """One array of a training batch.
+
+  Attributes:
+    shape: per-example shape (the batch dimension excluded).
+    dtype: numpy dtype as the array crosses to the device.
+    axes: logical axis names of the per-example dimensions (vljax.sharding.LOGICAL_AXES or
+      None); the batch dimension is always 'act_batch'.
+    pixels_with: for uint8 images: the name of the field holding their brightness deltas; the
+      step turns the pair into float32 model inputs (train.normalize_on_device).
+  """
+  shape: tuple[int, ...]
+  dtype: Any
+  axes: tuple[str | None, ...] = ()
+  pixels_with: str | None = None
+
+  def __post_init__(self):
+    if self.axes and len(self.axes) != len(self.shape):
+      raise ValueError(f"BatchField axes {self.axes} do not match its shape {self.shape}.")
+
+  def logical_axes(self) -> tuple[str | None, ...]:
+    return ("act_batch",) + (tuple(self.axes) or (None,) * len(self.shape))
+
+  def model_dtype(self) -> Any:
+    """The dtype the objective sees (pixels are normalised to float32 on the device)."""
+    return np.float32 if self.pixels_with else self.dtype
+
+
+def image_fields(image_size: int) -> dict[str, BatchField]:
+  """'image' (uint8 pixels, normalised on the device) and its 'brightness' deltas."""
+  return {
+      "image": BatchField((image_size, image_size, 3), np.uint8, (None, None, None),
+                          pixels_with="brightness"),
+      "brightness": BatchField((), np.float32),
+  }
+
+
+class Objective:
+  """Defaults of the contract for families trained on (image, caption, label) batches.
+
+  Subclasses set `self.model`, `self.image_size`, `self.max_len` and `self.tokenizer` (or
+  override the methods that use them) and implement init and loss_fn (or loss_with_extra).
+  """
+
+  image_size: int
+  max_len: int
+  tokenizer: Any
+
+  def batch_fields(self) -> dict[str, BatchField]:
+    return {**image_fields(self.image_size),
+            "text": BatchField((self.max_len,), np.int32, ("act_len",)),
+            "label": BatchField((), np.int32)}
+
+  def batch_from_examples(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    return pipeline.caption_fields(examples, self.tokenizer, self.max_len)
+
+  def init(self, rng: jax.Array, batch: dict[str, Any]) -> Any:
+    raise NotImplementedError
+
+  def init_extra(self, rng: jax.Array, params: Any, batch: dict[str, Any]) -> Any:
+    del rng, params, batch
+    return {}
+
+  def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
+    raise NotImplementedError
+
+  def loss_with_extra(self, params: Any, extra: Any, batch: dict[str, jax.Array],
+                      rng: jax.Array):
+    del extra
+    loss, metrics = self.loss_fn(params, batch, rng)
+    return loss, (metrics, None)
+
+  def update_extra(self, extra: Any, params: Any, outputs: Any, step: jax.Array) -> Any:
+    del params, outputs, step
+    return extra
