@@ -1,4 +1,5 @@
-"""CoCa: masking/padding invariance, one-pass outputs, loss terms, gradients of both heads."""
+"""CoCa: masking/padding invariance, one-pass outputs, loss terms, gradients of both heads,
+the checkpoint format, and decoding that projects the image context once."""
 import os
 
 import flax.linen as nn
@@ -10,7 +11,7 @@ import pytest
 from vljax import configlib, losses, sharding
 from vljax.data import tokenizer as tokenizer_lib
 from vljax.models import coca as coca_model
-from vljax.objectives import coca as coca_obj
+from vljax.models import layers
 from vljax.objectives import make_objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +54,137 @@ def test_param_tree_has_both_poolers_and_decoupled_halves(setup):
   txt = nn.meta.unbox(shapes)["txt"]
   assert sorted(k for k in txt if "modal_" in k) == [
       "multimodal_0", "multimodal_1", "multimodal_2", "unimodal_0", "unimodal_1"]
+
+
+# A CoCa built directly, whose text width differs from the context's (the image width), so
+# that the cross-attention key/value projections' shapes tell the two apart.
+TEXT_WIDTH, HEADS, CONTEXT_WIDTH, MLP, VOCAB, MAX_LEN, EMBED, QUERIES = 32, 4, 24, 64, 50, 8, 16, 3
+MULTIMODAL = 2
+
+
+@pytest.fixture(scope="module")
+def small():
+  model = coca_model.CoCa(
+      image=dict(width=CONTEXT_WIDTH, depth=1, mlp_dim=48, num_heads=2, patch_size=(8, 8)),
+      text=dict(vocab_size=VOCAB, width=TEXT_WIDTH, mlp_dim=MLP, num_heads=HEADS,
+                unimodal_depth=1, multimodal_depth=MULTIMODAL, max_len=MAX_LEN),
+      embed_dim=EMBED, num_decoder_queries=QUERIES)
+  images = jax.random.normal(jax.random.key(0), (3, 16, 16, 3))
+  # Ids >= 2 everywhere (no pad 0, no EOS 1): every position is real, so the cached decoder
+  # (which does not mask padding) must reproduce the full forward at every position.
+  text = jax.random.randint(jax.random.key(2), (3, MAX_LEN), 2, VOCAB)
+  params = nn.meta.unbox(model.init(jax.random.key(1), images, text))["params"]
+  return model, params, images, text
+
+
+def _block_shapes(cross: bool) -> dict:
+  d, h, hd = TEXT_WIDTH, HEADS, TEXT_WIDTH // HEADS
+  attention = lambda kv_width: {
+      "query": {"kernel": (d, h, hd), "bias": (h, hd)},
+      "key": {"kernel": (kv_width, h, hd), "bias": (h, hd)},
+      "value": {"kernel": (kv_width, h, hd), "bias": (h, hd)},
+      "out": {"kernel": (h, hd, d), "bias": (d,)}}
+  norm = {"scale": (d,), "bias": (d,)}
+  block = {"LayerNorm_0": norm, "SelfAttention": attention(d), "LayerNorm_1": norm,
+           "MlpBlock_0": {"Dense_0": {"kernel": (d, MLP), "bias": (MLP,)},
+                          "Dense_1": {"kernel": (MLP, d), "bias": (d,)}}}
+  if cross:
+    block.update(LayerNorm_cross=norm, CrossAttention=attention(CONTEXT_WIDTH))
+  return block
+
+
+def test_text_decoder_param_tree_is_the_checkpoint_format(small):
+  # Written from the architecture: existing CoCa checkpoints load by exactly these names and
+  # shapes, whatever the decoding code does with them.
+  _, params, _, _ = small
+  d, norm = TEXT_WIDTH, {"scale": (TEXT_WIDTH,), "bias": (TEXT_WIDTH,)}
+  expected = {
+      "embedding": {"embedding": (VOCAB + 1, d)}, "pos_embedding": (1, MAX_LEN + 1, d),
+      "cls": (1, 1, d), "unimodal_0": _block_shapes(False),
+      **{f"multimodal_{i}": _block_shapes(True) for i in range(MULTIMODAL)},
+      "cls_norm": norm, "head": {"kernel": (d, EMBED), "bias": (EMBED,)},
+      "decoder_norm": norm, "logits_head": {"kernel": (d, VOCAB), "bias": (VOCAB,)}}
+  assert jax.tree.map(lambda x: x.shape, params["txt"]) == expected
+
+
+def _cross_kv_projections(fn):
+  """Runs fn, recording (name, input shape) of every CrossAttention key/value projection."""
+  calls = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if (isinstance(module, layers.DenseGeneral) and module.name in ("key", "value")
+        and module.parent.name == "CrossAttention" and context.method_name == "__call__"):
+      calls.append((module.name, args[0].shape))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    out = fn()
+  return out, calls
+
+
+def _teacher_forced_steps(model, params, cache, text):
+  """Logits [B, L, V] of feeding [BOS, text[:, :-1]] one token per decode_step."""
+  inputs = jnp.concatenate([jnp.full((len(text), 1), VOCAB), text[:, :-1]], axis=1)
+  step = jax.jit(lambda c, t, p: model.apply({"params": params}, t, p, c,
+                                             method="decode_step"))
+  out = []
+  for pos in range(inputs.shape[1]):
+    logits, cache = step(cache, inputs[:, pos:pos + 1], jnp.int32(pos))
+    out.append(logits)
+  return jnp.concatenate(out, axis=1)
+
+
+def test_decoding_projects_the_image_context_once(small):
+  model, params, images, text = small
+  apply = lambda *a, **k: model.apply({"params": params}, *a, **k)
+  batch = len(images)
+  # The full forward projects the context in every multimodal layer (the probe sees it) ...
+  _, calls = _cross_kv_projections(lambda: apply(images, text))
+  once = sorted([("key", (batch, QUERIES, CONTEXT_WIDTH)),
+                 ("value", (batch, QUERIES, CONTEXT_WIDTH))] * MULTIMODAL)
+  assert sorted(calls) == once
+  # ... init_cache does so once per layer and keeps the keys/values, not the context ...
+  cache, calls = _cross_kv_projections(lambda: apply(images, MAX_LEN, method="init_cache"))
+  assert sorted(calls) == once
+  for layer in cache["multimodal"]:
+    assert set(layer) == {"key", "value", "cross_key", "cross_value"}
+    assert layer["cross_key"].shape == (batch, QUERIES, HEADS, TEXT_WIDTH // HEADS)
+  for leaf in jax.tree.leaves(cache):
+    assert leaf.shape[0] == batch  # beam search reorders rows
+  # ... and a decoding step never projects it.
+  bos = jnp.full((batch, 1), VOCAB, jnp.int32)
+  (logits, _), calls = _cross_kv_projections(lambda: apply(bos, 0, cache, method="decode_step"))
+  assert calls == [] and logits.shape == (batch, 1, VOCAB)
+
+
+def test_decoding_uses_the_cached_cross_keys_values(small):
+  model, params, images, text = small
+  apply = lambda *a, **k: model.apply({"params": params}, *a, **k)
+  full = apply(images, text)["logits"]
+  cache = apply(images, MAX_LEN, method="init_cache")
+  np.testing.assert_allclose(_teacher_forced_steps(model, params, cache, text), full, atol=1e-5)
+  # A cache built from other images decodes like the true one once it holds the true cross
+  # keys/values: they are all that decoding knows of the image.
+  garbage = 3.0 * jax.random.normal(jax.random.key(7), images.shape)
+  other = apply(garbage, MAX_LEN, method="init_cache")
+  assert not np.allclose(_teacher_forced_steps(model, params, other, text), full, atol=1e-3)
+  for true_layer, other_layer in zip(cache["multimodal"], other["multimodal"]):
+    other_layer["cross_key"] = true_layer["cross_key"]
+    other_layer["cross_value"] = true_layer["cross_value"]
+  np.testing.assert_allclose(_teacher_forced_steps(model, params, other, text), full, atol=1e-5)
+
+
+def test_cached_cross_attention_block_takes_no_context():
+  block = layers.DecoderBlock(MLP, HEADS, cross_attention=True)
+  x = jax.random.normal(jax.random.key(0), (2, 3, TEXT_WIDTH))
+  context = jax.random.normal(jax.random.key(1), (2, 5, CONTEXT_WIDTH))
+  variables = block.init(jax.random.key(2), x, None, context)
+  cache = block.apply(variables, 2, 4, TEXT_WIDTH, context, method="init_cache")
+  with pytest.raises(ValueError, match="from its cache"):
+    block.apply(variables, x[:, :1], None, context, cache=cache, position=0)
+  with pytest.raises(ValueError, match="needs the context"):
+    block.apply(variables, 2, 4, TEXT_WIDTH, method="init_cache")
 
 
 def test_padding_length_and_contents_change_nothing(setup):

@@ -151,3 +151,15 @@ def test_run_config_reads_an_older_workdir_with_defaults(tmp_path):
   assert loaded.model.image.width == config.model.image.width
   with pytest.raises(configlib.ConfigError, match="No config.json"):
     configlib.load_run_config(str(tmp_path / "nothing"))
+
+
+def test_none_unsets_an_optional_value_and_a_literal_sets_it_again():
+  config = configlib.load_config_file(os.path.join(ROOT, "configs", "pali.py"))
+  configlib.apply_overrides(config, ["optim.adafactor.clip_threshold=None",
+                                     "optim.adafactor.momentum=0.9"])
+  assert config.optim.adafactor.clip_threshold is None
+  assert config.optim.adafactor.momentum == 0.9
+  configlib.apply_overrides(config, ["optim.adafactor.momentum=None"])
+  assert config.optim.adafactor.momentum is None
+  configlib.apply_overrides(config, ["tokenizer.path=None"])  # a str stays the text it is
+  assert config.tokenizer.path == "None"

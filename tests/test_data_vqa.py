@@ -520,3 +520,168 @@ def test_uses_synthetic_vqa_and_check_config():
   config.data.train = '0.5*synthetic?task=vqa|0.5*jsonl:/d/vqa.jsonl'
   with pytest.raises(ConfigError, match='config.tokenizer.path'):
     tokenizer_lib.check_config(config)
+
+
+# ------------------------------------------------------------------ tokenizer training texts
+
+
+def write_rows(path, rows) -> str:
+  """Writes jsonl rows and no image at all: texts must be read without opening one."""
+  with open(path, 'w') as f:
+    f.write('\n'.join(json.dumps(r) for r in rows) + '\n')
+  return str(path)
+
+
+def test_read_texts_of_a_vqa_jsonl_gives_questions_and_distinct_answers(tmp_path):
+  path = write_rows(tmp_path / 'vqa.jsonl', [
+      {'image': 'img/0.png', 'question': 'How many dogs?', 'answers': ['two', '2', 'two', '2']},
+      {'image': 'img/1.png', 'question': ' Is it red? ',
+       'answers': [{'answer': 'yes'}, {'answer': 'Yes'}, {'answer': 'yes'}]},
+      {'image': 'img/2.png', 'caption': 'A dog on a sofa.', 'question': 'What is on it?',
+       'answers': ['a dog']},
+      {'image': 'img/3.png', 'question': 'Broken?', 'answers': 5},  # a bad record in training
+      {'image': 'img/4.png', 'question': '  ', 'answers': ['orphan']},  # no usable text
+  ])
+  texts, stats = tokenizer_lib.read_texts(f'jsonl:{path}')
+  # Per record: captions, the question, its distinct answers (after clean-up), in file order.
+  assert texts == ['How many dogs?', 'two', '2', 'Is it red?', 'yes', 'Yes',
+                   'A dog on a sofa.', 'What is on it?', 'a dog']
+  assert (stats.records_sampled, stats.records_skipped) == (5, 2)
+  assert (stats.captions, stats.questions, stats.answers) == (1, 3, 5)
+  assert stats.first_skipped.startswith('vqa.jsonl:4: ') and 'answers' in stats.first_skipped
+  # Answers are told apart after the text options, as training sees them.
+  lower, stats = tokenizer_lib.read_texts(
+      f'jsonl:{path}', text_options=preprocess.TextOptions(lowercase=True))
+  assert lower == ['how many dogs?', 'two', '2', 'is it red?', 'yes',
+                   'a dog on a sofa.', 'what is on it?', 'a dog']
+  assert (stats.captions, stats.questions, stats.answers) == (1, 3, 4)
+
+
+def test_read_texts_of_captions_is_the_caption_corpus(tmp_path):
+  # Exactly the captions, in record order (every one of a list), as before VQA texts existed.
+  rows = [{'image': f'{i}.jpg', 'caption': f' A photo of thing {i}. '} for i in range(6)]
+  rows += [{'image': 'l.jpg', 'caption': ['First of a list.', 'Second of a list.']},
+           {'image': 'e.jpg', 'caption': ''}]
+  texts, stats = tokenizer_lib.read_texts(f'jsonl:{write_rows(tmp_path / "c.jsonl", rows)}')
+  assert texts == [f'A photo of thing {i}.' for i in range(6)] + [
+      'First of a list.', 'Second of a list.']
+  assert (stats.captions, stats.questions, stats.answers, stats.records_skipped) == (8, 0, 0, 1)
+  assert stats.first_skipped == 'c.jsonl:8: no usable caption'
+  assert tokenizer_lib.read_captions is tokenizer_lib.read_texts  # the old name still works
+
+
+def _shortened_sources(monkeypatch, num_examples):
+  """Makes get_source's synthetic data `num_examples` long, so a read covers all of it."""
+  real = sources.get_source
+
+  def get_source(*args, **kwargs):
+    source = real(*args, **kwargs)
+    source.num_examples = num_examples
+    return source
+  monkeypatch.setattr(sources, 'get_source', get_source)
+
+
+def test_read_texts_of_synthetic_and_synthetic_vqa(monkeypatch):
+  # The full-size sources: the same sample of records, the vqa one adding question + answer.
+  captions, stats = tokenizer_lib.read_texts('synthetic', max_records=30, seed=4)
+  assert len(captions) == 30 and (stats.questions, stats.answers) == (0, 0)
+  vqa, stats = tokenizer_lib.read_texts('synthetic?task=vqa', max_records=30, seed=4)
+  assert (stats.captions, stats.questions, stats.answers) == (30, 30, 30)
+  assert vqa[0::3] == captions
+
+  # Shortened so that every record is read in order: the texts are the records' own.
+  _shortened_sources(monkeypatch, 24)
+  records = [synthetic.SyntheticImageText(seed=4, task='vqa')[i] for i in range(24)]
+  captions, _ = tokenizer_lib.read_texts('synthetic', seed=4)
+  assert captions == [r['caption'] for r in records]
+  vqa, _ = tokenizer_lib.read_texts('synthetic?task=vqa', seed=4)
+  assert vqa == [t for r in records for t in (r['caption'], r['question'], r['answers'][0])]
+  phrasings = {q for qs in synthetic.QUESTION_TEMPLATES.values() for q in qs}
+  assert set(vqa[1::3]) <= phrasings and len(set(vqa[1::3])) > 3
+
+
+def test_read_texts_of_a_captions_and_vqa_mixture(tmp_path):
+  captions = [f'A photo of a red bus number {i}.' for i in range(10)]
+  caps = write_rows(tmp_path / 'caps.jsonl', [{'image': 'x.jpg', 'caption': c} for c in captions])
+  vqa = write_rows(tmp_path / 'vqa.jsonl', [
+      {'image': 'x.jpg', 'question': f'How many buses in picture {i}?', 'answers': [str(i)] * 3}
+      for i in range(5)])
+  texts, stats = tokenizer_lib.read_texts(f'0.7*jsonl:{caps}|0.3*jsonl:{vqa}')
+  assert sorted(texts) == sorted(captions + [f'How many buses in picture {i}?' for i in range(5)]
+                                 + [str(i) for i in range(5)])
+  assert (stats.captions, stats.questions, stats.answers) == (10, 5, 5)
+  # Sampled: each part gives its weight's share of the records.
+  texts, stats = tokenizer_lib.read_texts(f'0.6*jsonl:{caps}|0.4*jsonl:{vqa}', max_records=5)
+  assert (stats.captions, stats.questions, stats.answers) == (3, 2, 2)
+
+
+def test_read_texts_of_vqav2_opens_no_image(tmp_path):
+  qpath, apath, _, _ = write_vqav2(tmp_path)
+  no_images = tmp_path / 'no_images'  # the folder must exist; it holds no image
+  no_images.mkdir()
+  spec = f'vqav2:{qpath}?annotations={apath}&images={no_images}'
+  # Reading whole records fails on every one of them...
+  source = sources.get_source(spec, 'train', SIZE, 0)
+  assert all('error' in formats.SafeSource(source)[i] for i in range(len(source)))
+  # ... yet the texts are all there: questions in file order, each with its distinct answers.
+  texts, stats = tokenizer_lib.read_texts(spec)
+  assert texts == ['What color is the cat?', 'black', 'dark grey', 'How many cats?', '1', '2',
+                   'Is it raining?', 'no', 'Where is it?']
+  assert (stats.records_skipped, stats.captions, stats.questions, stats.answers) == (0, 0, 4, 5)
+
+
+def test_read_texts_falls_back_to_whole_records(monkeypatch):
+  class RecordsOnly:  # a reader without text_fields, like arrayrecord or tfds
+    records = [
+        {'key': 'a', 'image': b'', 'caption': None, 'question': 'Is it?', 'answers': ['yes']},
+        {'key': 'b', 'image': b'', 'caption': ['One.', 'Two.'], 'label': 3},
+        {'key': 'c', 'error': 'OSError: unreadable'},
+    ]
+
+    def __len__(self):
+      return len(self.records)
+
+    def __getitem__(self, index):
+      return dict(self.records[index])
+  monkeypatch.setattr(sources, 'get_source', lambda *args, **kwargs: RecordsOnly())
+  texts, stats = tokenizer_lib.read_texts('records-only')
+  assert texts == ['Is it?', 'yes', 'One.', 'Two.']
+  assert (stats.records_skipped, stats.captions, stats.questions, stats.answers) == (1, 2, 1, 1)
+  assert 'unreadable' in stats.first_skipped
+
+
+def test_train_command_on_a_vqa_only_jsonl(tmp_path, capsys):
+  objects = ['cat', 'dog', 'horse', 'bird', 'truck', 'bicycle', 'umbrella', 'giraffe',
+             'elephant', 'sandwich', 'motorcycle', 'airplane', 'zebra', 'kite', 'laptop',
+             'surfboard']
+  colors = ['black', 'white', 'brown', 'yellow', 'green', 'purple']
+  places = ['fence', 'window', 'table', 'river', 'building', 'mountain']
+  rows = []
+  for i, obj in enumerate(objects):
+    color, place = colors[i % len(colors)], places[i % len(places)]
+    rows += [
+        {'image': f'{i}.jpg', 'question': f'What color is the {obj}?',
+         'answers': [color] * 8 + [f'dark {color}'] * 2},
+        {'image': f'{i}.jpg', 'question': f'How many {obj}s are in the picture?',
+         'answers': [str(i % 4 + 1)] * 10},
+        {'image': f'{i}.jpg', 'question': f'Is the {obj} standing next to a {place}?',
+         'answers': ['yes', 'no', 'yes']},
+    ]
+  path = write_rows(tmp_path / 'vqa.jsonl', rows)
+  out = tmp_path / 'vqa.model'
+  assert tokenizer_lib.main(['train', f'jsonl:{path}', '--vocab_size', '80', '--out',
+                             str(out)]) == 0
+  report = capsys.readouterr().out
+  assert f'records sampled:    {len(rows)}' in report
+  assert 'captions read:      0' in report
+  assert f'questions read:     {len(rows)}' in report
+  assert f'answers read:       {len(objects) * (2 + 1 + 2)} (distinct per question)' in report
+  assert 'tokens per text:' in report
+  sp = spm.SentencePieceProcessor(model_file=str(out))
+  assert sp.get_piece_size() == 80 and (sp.pad_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2)
+  # Trained on the questions and answers: each encodes without <unk>, and words that only the
+  # questions hold became pieces of their own.
+  for text in [r['question'] for r in rows] + [a for r in rows for a in r['answers']]:
+    ids = sp.encode(text)
+    assert sp.unk_id() not in ids and sp.decode(ids) == text
+  assert all(sp.piece_to_id(f'\u2581{obj}') != sp.unk_id() for obj in ('giraffe', 'surfboard'))

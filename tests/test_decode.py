@@ -124,6 +124,28 @@ def test_beam_search_on_coca_scores_at_least_greedy(coca):
       assert np.any(np.asarray(scores[:, 0]) > greedy_lp + 1e-3)
 
 
+def test_beam_search_and_sampling_on_coca_cached_equal_uncached(coca):
+  # Beam search repeats and reorders every state leaf, the cached cross-attention keys/values
+  # included: a row mixed up with another image's would change the beams.
+  obj, params, images = coca
+  out = {}
+  for cached in (True, False):
+    state = obj.init_decode_state(params, images, MAX_LEN, cached=cached)
+    step = obj.step_fn(params, cached)
+    start = obj.start_tokens(len(images))
+    beams = jax.jit(decode.beam_search, static_argnums=(0, 3, 4, 5, 6))(
+        step, state, start, MAX_LEN, obj.eos_id, 3, 0.6)
+    sampled = jax.jit(decode.sample, static_argnums=(0, 3, 4, 6, 7))(
+        step, state, start, MAX_LEN, obj.eos_id, jax.random.key(3), 1.0, 20)
+    out[cached] = beams, sampled
+  (beams_c, scores_c), sampled_c = out[True]
+  (beams_u, scores_u), sampled_u = out[False]
+  np.testing.assert_array_equal(beams_c, beams_u)
+  np.testing.assert_allclose(scores_c, scores_u, atol=1e-4)
+  np.testing.assert_array_equal(sampled_c, sampled_u)
+  assert len({tuple(r) for r in np.asarray(sampled_c)}) > 2
+
+
 def test_filter_logits_top_k_and_top_p():
   logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05]]))
   kept = lambda x: np.flatnonzero(np.asarray(x[0]) > decode.NEG_INF / 2).tolist()

@@ -1,8 +1,8 @@
 """vljax.models.encdec: T5 v1.1 encoder-decoder and prefix-LM against a plain reference.
 
 The reference below is written independently of the flax code: per example, padding is
-dropped outright (instead of masked), attention runs one query row at a time over the keys it
-may see, buckets come from a scalar float64 formula. It takes `xp` (numpy or jax.numpy) so that
+dropped outright (instead of masked), attention weights are zeroed multiplicatively (instead
+of masking logits), buckets come from a scalar float64 formula. It takes `xp` (numpy or jax.numpy) so that
 the same code gives reference values (numpy) and reference gradients (jax.grad).
 """
 import math
@@ -80,19 +80,19 @@ def gelu(xp, x):  # tanh approximation, as T5 v1.1
 
 
 def attend(xp, p, xq, xkv, allowed, bias):
-  """xq [Lq, D] attends to xkv [Lk, D]: row i over the keys where allowed[i] (numpy bool)."""
+  """xq [Lq, D] attends to xkv [Lk, D]; row i to the keys where allowed[i] (numpy bool).
+
+  Disallowed keys get zero weight by multiplying their exp() by 0 (the model masks logits).
+  """
   q = xp.einsum("ld,dhk->hlk", xq, p["query"]["kernel"])
   k = xp.einsum("ld,dhk->hlk", xkv, p["key"]["kernel"])
   v = xp.einsum("ld,dhk->hlk", xkv, p["value"]["kernel"])
-  rows = []
-  for i in range(xq.shape[0]):
-    keys = np.nonzero(allowed[i])[0]
-    s = xp.einsum("hd,hjd->hj", q[:, i], k[:, keys])  # no 1/sqrt(d): T5
-    if bias is not None:
-      s = s + bias[:, i][:, keys]
-    w = xp.exp(s - s.max(axis=-1, keepdims=True))
-    rows.append(xp.einsum("hj,hjd->hd", w / w.sum(axis=-1, keepdims=True), v[:, keys]))
-  return xp.einsum("lhd,hde->le", xp.stack(rows), p["out"]["kernel"])
+  s = xp.einsum("hid,hjd->hij", q, k)  # no 1/sqrt(d): T5
+  if bias is not None:
+    s = s + bias
+  w = xp.exp(s - s.max(axis=-1, keepdims=True)) * allowed[None].astype(np.float32)
+  o = xp.einsum("hij,hjd->ihd", w / w.sum(axis=-1, keepdims=True), v)
+  return xp.einsum("lhd,hde->le", o, p["out"]["kernel"])
 
 
 def mlp(xp, p, x):
@@ -470,7 +470,7 @@ def test_text_kwargs_variants_and_errors():
     encdec.text_kwargs(dict(variant="base", vocab_size=100), "decoder_only")
 
 
-def test_rms_norm_and_dropout():
+def test_rms_norm():
   x = jax.random.normal(jax.random.key(0), (2, 3, 8)) * 5 + 2
   norm = encdec.RMSNorm()
   v = norm.init(jax.random.key(1), x)
@@ -485,12 +485,16 @@ def test_rms_norm_and_dropout():
   assert y16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(y16, np.float32), expected * np.arange(8.0),
                              rtol=2e-2, atol=2e-2)
-  # Dropout: active only with train=True, reproducible per rng.
-  model = encdec.EncoderDecoder(**dict(SIZES, dropout=0.3), encoder_depth=1, decoder_depth=1)
+
+
+def test_dropout_only_in_training():
+  # The prefix-LM here; tests/test_pali_model.py covers the encoder-decoder's dropout.
+  model = encdec.PrefixLM(**dict(SIZES, dropout=0.3), depth=1)
   params = jax.jit(model.init)(jax.random.key(0), INPUTS, TARGETS)
-  train_apply = jax.jit(lambda key: model.apply(params, INPUTS, TARGETS, train=True,
-                                                rngs={"dropout": key}))
-  run = lambda seed: train_apply(jax.random.key(seed))
-  evaluated = model.apply(params, INPUTS, TARGETS)
-  np.testing.assert_array_equal(run(1), run(1))
-  assert not np.allclose(run(1), run(2)) and not np.allclose(run(1), evaluated)
+  run = jax.jit(lambda key, train: model.apply(params, INPUTS, TARGETS, train=train,
+                                               rngs={"dropout": key}), static_argnums=1)
+  trained = run(jax.random.key(1), True)
+  np.testing.assert_array_equal(trained, run(jax.random.key(1), True))
+  assert not np.allclose(trained, run(jax.random.key(2), True))
+  assert not np.allclose(trained, run(jax.random.key(1), False))
+  np.testing.assert_array_equal(run(jax.random.key(1), False), run(jax.random.key(2), False))

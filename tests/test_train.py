@@ -431,3 +431,30 @@ def test_training_batches_cross_to_the_device_as_uint8():
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
     _, m = compiled(state, placed, jax.random.key(0))
   assert np.isfinite(float(m["train/loss"]))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_gradient_accumulation_equals_the_whole_batch(name, tokenizer):
+  # Several steps with 4 micro-batches of 4 give the parameters of the whole batch of 16 (to
+  # fp32 rounding): the contrastive losses still see every negative of the batch.
+  config = tiny_config(name)
+  batches = _random_batches(config, tokenizer, 3, seed=5)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2}, devices=jax.devices()[:4])
+  losses_1, state_1, _ = _train_steps(config, tokenizer, mesh, batches)
+  accumulated = configlib.apply_overrides(tiny_config(name), ["grad_accum_steps=4"])
+  losses_4, state_4, _ = _train_steps(accumulated, tokenizer, mesh, batches)
+  np.testing.assert_allclose(losses_4, losses_1, rtol=2e-5)
+  flat_1 = dict(jax.tree_util.tree_flatten_with_path(state_1.params)[0])
+  for path, a in jax.tree_util.tree_flatten_with_path(state_4.params)[0]:
+    if "key" in jax.tree_util.keystr(path) and "bias" in jax.tree_util.keystr(path):
+      continue  # a zero-gradient leaf: Adam turns rounding noise into +-lr steps (see above)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(flat_1[path]), rtol=2e-4, atol=2e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_gradient_accumulation_is_validated_before_compiling():
+  config = tiny_config("siglip", "grad_accum_steps=3")
+  with pytest.raises(configlib.ConfigError, match="grad_accum_steps=3 micro-batches"):
+    train.validate(config, 8, 1)
+  with pytest.raises(configlib.ConfigError, match="grad_accum_steps=0"):
+    train.validate(tiny_config("siglip", "grad_accum_steps=0"), 8, 1)

@@ -43,7 +43,10 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 
 def _convert(text: str, current: Any, where: str) -> Any:
-  """Converts `text` to the type of `current` (the value it replaces)."""
+  """Converts `text` to the type of `current` (the value it replaces); "None" unsets an
+  optional value of any type but str (e.g. --config.optim.adafactor.clip_threshold=None)."""
+  if text == "None" and current is not None and not isinstance(current, str):
+    return None
   try:
     if isinstance(current, bool):
       lowered = text.lower()
@@ -233,6 +236,9 @@ def base_train_config() -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict(dict(path="", mapping=[]))
 
   c.batch_size = 32768  # global
+  # Compute each step's gradient in this many micro-batches (memory of one micro-batch). Exact
+  # for every objective, contrastive ones included (cached embeddings; docs/scale.md).
+  c.grad_accum_steps = 1
   c.total_steps = None  # set exactly one of total_steps / total_examples / total_epochs
   c.total_examples = None
   c.total_epochs = None

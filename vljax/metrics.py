@@ -98,7 +98,7 @@ def progress_line(step: int, total: int, scalars: Mapping[str, float]) -> str:
            ("train/grad_norm", "|g|", "{:.3f}"), ("perf/step_time_s", "s/step", "{:.3f}"),
            ("perf/examples_per_s", "ex/s", "{:.1f}"),
            ("perf/examples_per_s_per_device", "ex/s/dev", "{:.1f}"),
-           ("perf/tflops_per_device", "TFLOP/s/dev", "{:.4f}")]
+           ("perf/tflops_per_device", "TFLOP/s/dev", "{:.4f}"), ("perf/mfu", "MFU", "{:.1%}")]
   parts = [f"step {step}/{total}"]
   for key, label, fmt in short:
     if key in scalars:

@@ -62,6 +62,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         f"config.batch_size={config.batch_size} does not divide over the {batch_devices} "
         f"data-parallel devices of config.mesh {mesh_shape}. Use a multiple of "
         f"{batch_devices}, e.g. --config.batch_size={max(1, config.batch_size // batch_devices) * batch_devices}.")
+  accum = config.get("grad_accum_steps", 1)
+  if not isinstance(accum, int) or accum < 1:
+    raise ConfigError(f"config.grad_accum_steps={accum!r} must be an integer >= 1.")
+  if config.batch_size % (accum * batch_devices):
+    raise ConfigError(
+        f"config.batch_size={config.batch_size} does not split into config.grad_accum_steps="
+        f"{accum} micro-batches over the {batch_devices} data-parallel devices; use a multiple "
+        f"of {accum * batch_devices}.")
   if config.batch_size % process_count:
     raise ConfigError(f"config.batch_size={config.batch_size} does not divide over "
                       f"{process_count} processes.")
@@ -130,6 +138,23 @@ class Setup:
   batch_fields: dict[str, Any]  # the objective's declared batch (objectives.base.BatchField)
   batch_shardings: dict[str, NamedSharding]
   init_extra_fn: Callable[[Any], Any]  # params -> extra state, in its sharded layout
+  grad_accum_steps: int = 1
+
+
+def _grad_accum_steps(config: ml_collections.ConfigDict, objective) -> int:
+  """config.grad_accum_steps, checked against what the objective can do."""
+  from vljax.objectives import base  # pylint: disable=g-import-not-at-top
+  k = int(config.get("grad_accum_steps", 1))
+  if k == 1:
+    return k
+  name = type(objective).__name__
+  if not (hasattr(objective, "embed") and hasattr(objective, "loss_from_embeddings")):
+    raise ConfigError(f"config.grad_accum_steps={k}: {name} does not split its loss into "
+                      f"embed / loss_from_embeddings, so it cannot accumulate exactly; use 1.")
+  if type(objective).loss_with_extra is not base.Objective.loss_with_extra:
+    raise ConfigError(f"config.grad_accum_steps={k}: {name} keeps non-gradient state, which "
+                      f"accumulation does not support yet; use 1.")
+  return k
 
 
 def _batch_shardings(fields: dict[str, Any], mesh: Mesh, rules) -> dict[str, NamedSharding]:
@@ -213,7 +238,8 @@ def build(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh,
                                                        train=True)
   return Setup(mesh, rules, objective, tx, schedule, state_shardings, abstract_state, init_fn,
                total_steps, optim.frozen_mask(config.optim, abstract_params), image_options,
-               fields, _batch_shardings(fields, mesh, rules), init_extra_fn)
+               fields, _batch_shardings(fields, mesh, rules), init_extra_fn,
+               _grad_accum_steps(config, objective))
 
 
 def init_state(setup: Setup, seed: int) -> TrainState:
@@ -242,6 +268,73 @@ def value_and_trainable_grad(loss_fn: Callable, params: Any, frozen: Any, *args)
   it = iter(trainable_grads)
   grads = [jnp.zeros_like(x) if f else next(it) for x, f in zip(leaves, is_frozen)]
   return out, jax.tree.unflatten(treedef, grads)
+
+
+def _micro_batches(tree: Any, k: int, mesh: Mesh) -> Any:
+  """[B, ...] leaves -> [k, B/k, ...]: micro-batch j holds rows j, j+k, j+2k, ...
+
+  Strided rows keep every micro-batch spread over all devices (each device already holds a
+  contiguous block of rows whose size k divides), so splitting moves no data.
+  """
+  def split(x):
+    x = jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+    spec = P(None, sharding.BATCH_AXES, *([None] * (x.ndim - 2)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return jax.tree.map(split, tree)
+
+
+def _merge_micro_batches(tree: Any) -> Any:
+  """The inverse of _micro_batches: [k, B/k, ...] -> [B, ...] in the batch's own row order."""
+  return jax.tree.map(
+      lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), tree)
+
+
+def accumulated_value_and_grad(objective, params: Any, frozen: Any, batch: dict[str, jax.Array],
+                               rng: jax.Array, k: int, mesh: Mesh):
+  """((loss, metrics), grads) of the whole batch, computed in k micro-batches, exactly.
+
+  The cached-embedding method (Gao et al., 2021, "Scaling deep contrastive learning batch size
+  under memory limited setup"): the objective splits its loss into a per-example part
+  `embed(params, batch, rng)` and a batch-coupled part `loss_from_embeddings(params, e, rng)`.
+  1. embed every micro-batch without keeping activations;
+  2. the loss and its gradients w.r.t. the parameters (scale, bias) and the embeddings of the
+     WHOLE batch: every example still meets every negative of the global batch;
+  3. re-run each micro-batch's forward and pull its embedding gradients back through it.
+  The result equals the k = 1 gradient up to floating-point summation order; a contrastive
+  loss summed over micro-batches would see only 1/k of the negatives. Memory holds one
+  micro-batch's activations; the cost is one extra forward pass per micro-batch. Micro-batch j
+  draws its dropout from fold_in(rng, j).
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  is_frozen = jax.tree.leaves(frozen)
+  trainable = [x for x, f in zip(leaves, is_frozen) if not f]
+
+  def full(trainable_leaves):
+    it = iter(trainable_leaves)
+    return jax.tree.unflatten(treedef, [x if f else next(it) for x, f in zip(leaves, is_frozen)])
+
+  micro = _micro_batches(batch, k, mesh)
+  index = jnp.arange(k)
+
+  def embed(trainable_leaves, micro_batch, j):
+    return objective.embed(full(trainable_leaves), micro_batch, jax.random.fold_in(rng, j))
+
+  embedded = jax.lax.map(lambda xs: embed(trainable, *xs), (micro, index))
+  embeddings = _merge_micro_batches(embedded)
+  (loss, metrics), (grads, embedding_grads) = jax.value_and_grad(
+      lambda t, e: objective.loss_from_embeddings(full(t), e, rng), argnums=(0, 1),
+      has_aux=True)(trainable, embeddings)
+
+  def pull_back(total, xs):
+    micro_batch, micro_grads, j = xs
+    _, vjp = jax.vjp(lambda t: embed(t, micro_batch, j), trainable)
+    return jax.tree.map(jnp.add, total, vjp(micro_grads)[0]), None
+
+  grads, _ = jax.lax.scan(pull_back, grads,
+                          (micro, _micro_batches(embedding_grads, k, mesh), index))
+  it = iter(grads)
+  grads = [jnp.zeros_like(x) if f else next(it) for x, f in zip(leaves, is_frozen)]
+  return (loss, metrics), jax.tree.unflatten(treedef, grads)
 
 
 def normalize_on_device(pixels: jax.Array, brightness: jax.Array,
@@ -282,16 +375,24 @@ def make_train_step(setup: Setup, nan_policy: str = "stop") -> Callable:
 
   The batch holds the objective's declared fields (pixels as uint8, normalised here). After the
   optimizer update the objective updates its non-gradient state (update_extra), once per step.
+  setup.grad_accum_steps > 1 computes the same gradient in that many micro-batches
+  (accumulated_value_and_grad).
   """
+  grad_accum_steps = setup.grad_accum_steps
   objective, tx, schedule = setup.objective, setup.tx, setup.schedule
   frozen, image_options, fields = setup.frozen, setup.image_options, setup.batch_fields
 
   def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
     batch = model_inputs(batch, fields, image_options)
     step_rng = jax.random.fold_in(rng, state.step)
-    (loss, (aux, outputs)), grads = value_and_trainable_grad(
-        lambda p, e, b, r: objective.loss_with_extra(p, e, b, r), state.params, frozen,
-        state.extra, batch, step_rng)
+    if grad_accum_steps > 1:
+      (loss, aux), grads = accumulated_value_and_grad(objective, state.params, frozen, batch,
+                                                      step_rng, grad_accum_steps, setup.mesh)
+      outputs = None
+    else:
+      (loss, (aux, outputs)), grads = value_and_trainable_grad(
+          lambda p, e, b, r: objective.loss_with_extra(p, e, b, r), state.params, frozen,
+          state.extra, batch, step_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     extra = objective.update_extra(state.extra, params, outputs, state.step)
@@ -356,6 +457,19 @@ def compile_step(setup: Setup, step_fn: Callable, batch_size: int):
   except Exception:  # cost analysis is best-effort and backend-dependent
     pass
   return compiled, cost
+
+
+def model_flops(config: ml_collections.ConfigDict, vocab_size: int
+                ) -> tuple[float | None, float | None]:
+  """(analytic training FLOPs per example, this device's peak FLOP/s), None where unknown."""
+  from vljax import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  try:
+    example_flops = flops_lib.train_flops_per_example(config, vocab_size)
+  except ConfigError:  # a family vljax.flops does not count (e.g. a test's toy objective)
+    return None, None
+  peak = flops_lib.peak_flops(jax.devices()[0].device_kind, config.dtype,
+                              jax.config.jax_default_matmul_precision)
+  return example_flops, peak
 
 
 def compiled_step_flops(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh) -> float | None:
@@ -600,7 +714,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   step_fn = make_train_step(setup, config.nan_policy)
   compiled, cost = compile_step(setup, step_fn, config.batch_size)
-  flops = cost.flops
+  # MFU from an analytic count (vljax.flops: XLA's cost analysis counts a loop body once).
+  example_flops, peak = model_flops(config, tokenizer.vocab_size)
   rng = jax.random.key(config.seed + 1)
 
   last = {}
@@ -648,8 +763,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           perf = {"perf/step_time_s": step_time,
                   "perf/examples_per_s": config.batch_size / step_time,
                   "perf/examples_per_s_per_device": config.batch_size / step_time / mesh.size}
-          if flops:
-            perf["perf/tflops_per_device"] = flops / step_time / 1e12
+          if example_flops:
+            per_device = example_flops * perf["perf/examples_per_s_per_device"]
+            perf["perf/tflops_per_device"] = per_device / 1e12
+            if peak:
+              perf["perf/mfu"] = per_device / peak
           if skipped_sample:
             logging.warning("Skipped %d bad records so far (this process); recent: %s",
                             skipped_records, "; ".join(skipped_sample))

@@ -19,6 +19,12 @@ also carry
 and may have no caption at all: a record is usable with a caption or a question. Which of
 the two a decoded example has decides its task (vljax.data.pipeline).
 
+Readers that can read a record's texts without its image (jsonl, csv, webdataset, vqav2 and
+the synthetic source) also have `text_fields(index)`: the record's 'caption' and, where it has
+them, its 'question' and 'answers', as __getitem__ would return them (`text_fields_of` takes
+the same fields from a whole record). Tokenizer training reads texts that way: images are
+~1000x the bytes of their texts.
+
 Readers never decode images and never raise on a bad record once
 constructed: a record that cannot be read is returned with an 'error' entry
 (see `SafeSource`), and the preprocessing step skips and counts it. A reader
@@ -48,6 +54,8 @@ import numpy as np
 from vljax.configlib import ConfigError
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif')
+# The fields of a raw record that hold text (see `text_fields_of`).
+TEXT_FIELDS = ('caption', 'question', 'answers')
 
 
 class EmptySourceError(ConfigError):
@@ -211,9 +219,12 @@ class WebDataset:
       return self._read(shard, *exts['txt'])
     return None
 
-  def caption(self, index: int) -> Any:
-    """The record's raw caption without reading its image (tokenizer training)."""
-    return self._caption(*self._index[index])
+  def text_fields(self, index: int) -> dict[str, Any]:
+    """{'caption': the record's raw caption}, without reading its image (tokenizer training).
+
+    Shards hold captions only: no question or answers, as in __getitem__.
+    """
+    return {'caption': self._caption(*self._index[index])}
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     shard, key, exts = self._index[index]
@@ -336,9 +347,19 @@ class _TableSource:
       raise ValueError(f'row is {type(row).__name__}, not an object')
     return line, row
 
-  def caption(self, index: int) -> Any:
-    """The record's raw caption(s) without reading its image (tokenizer training)."""
-    return self._row(index)[1].get(self.caption_key)
+  def _texts_of_row(self, row: dict[str, Any]) -> dict[str, Any]:
+    """The text fields of a row as a raw record has them; raises on unusable answers."""
+    fields: dict[str, Any] = {'caption': row.get(self.caption_key)}
+    if self.question_key is not None and self.question_key in row:
+      fields['question'] = row[self.question_key]
+    if self.answers_key is not None and self.answers_key in row:
+      fields['answers'] = answer_list(row[self.answers_key])
+    return fields
+
+  def text_fields(self, index: int) -> dict[str, Any]:
+    """The record's raw 'caption' (and 'question', 'answers' where the row has them), without
+    reading its image (tokenizer training). Raises as __getitem__ would for a bad row."""
+    return self._texts_of_row(self._row(index)[1])
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     line, row = self._row(index)
@@ -351,15 +372,11 @@ class _TableSource:
       image = f.read()
     label = row.get(self.label_key)
     record = {'key': f'{key} ({rel})', 'image': image,
-              'caption': row.get(self.caption_key),
               'label': int(label) if label not in (None, '') else -1,
               'image_id': str(rel)}
-    if self.question_key is not None and self.question_key in row:
-      record['question'] = row[self.question_key]
-    if self.answers_key is not None and self.answers_key in row:
-      record['answers'] = answer_list(row[self.answers_key])
-      if isinstance(row.get('answer_type'), str):  # VQAv2-style rows: per-type accuracy
-        record['answer_type'] = row['answer_type']
+    record.update(self._texts_of_row(row))
+    if 'answers' in record and isinstance(row.get('answer_type'), str):
+      record['answer_type'] = row['answer_type']  # VQAv2-style rows: per-type accuracy
     return record
 
 
@@ -389,6 +406,14 @@ def answer_list(answers: Any) -> list[str]:
       raise ValueError(f'an answer is {type(item).__name__}, not a string: {item!r:.80}')
     out.append(item)
   return out
+
+
+def text_fields_of(record: dict[str, Any]) -> dict[str, Any]:
+  """The text fields of a raw record, as `text_fields(index)` returns them.
+
+  For readers without `text_fields`: the caller reads the whole record, this keeps its texts.
+  """
+  return {name: record[name] for name in TEXT_FIELDS if name in record}
 
 
 def _fields_to_check(image_key: str, caption_key: str, label_key: str,
@@ -654,10 +679,22 @@ class VQAv2:
     return os.path.join(self.image_dir,
                         f'COCO_{self.image_subtype}_{int(image_id):012d}.jpg')
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
+  def _question(self, index: int) -> tuple[Any, Any, str]:
+    """(question_id, image_id, question) of a well-formed entry; raises KeyError otherwise."""
     question_id, image_id, question = self._questions[index]
     if question_id is None or image_id is None or not isinstance(question, str):
       raise KeyError('question entry without question_id, image_id or question')
+    return question_id, image_id, question
+
+  def text_fields(self, index: int) -> dict[str, Any]:
+    """{'caption': None, 'question', 'answers'} of the record, without reading its image
+    (tokenizer training); raises as __getitem__ would for a malformed question entry."""
+    question_id, _, question = self._question(index)
+    answers, _ = self._annotations.get(question_id, ((), ''))
+    return {'caption': None, 'question': question, 'answers': list(answers)}
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    question_id, image_id, question = self._question(index)
     answers, answer_type = self._annotations.get(question_id, ((), ''))
     with open(self.image_path(image_id), 'rb') as f:
       image = f.read()

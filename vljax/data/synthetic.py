@@ -298,16 +298,31 @@ class SyntheticImageText:
     Drawn from the question stream only, so it never shifts the image or caption.
     """
     index = self._check_index(index)
+    return self._question(index, self.describe(index))
+
+  def _question(self, index: int, spec: ExampleSpec) -> tuple[str, str, str]:
+    """`question` for a checked index whose spec is already drawn."""
     rng = np.random.default_rng(
         [self.seed, _SPLIT_IDS[self.split], index, _QUESTION_STREAM])
     kind = QUESTION_KINDS[int(rng.integers(len(QUESTION_KINDS)))]
     phrasings = QUESTION_TEMPLATES[kind]
     text = phrasings[int(rng.integers(len(phrasings)))]
-    return text, _answer(kind, self.describe(index)), kind
+    return text, _answer(kind, spec), kind
 
   def caption(self, index: int) -> str:
-    """The caption of example `index`, without rendering the image (tokenizer training)."""
+    """The caption of example `index`, without rendering the image."""
     return self.describe(index).caption
+
+  def text_fields(self, index: int) -> dict[str, Any]:
+    """The texts of example `index` as `__getitem__` has them, without rendering the image
+    (tokenizer training): 'caption', and with task='vqa' 'question' and 'answers'."""
+    index = self._check_index(index)
+    spec = self.describe(index)
+    fields: dict[str, Any] = {'caption': spec.caption}
+    if self.task == 'vqa':
+      question, answer, _ = self._question(index, spec)
+      fields.update(question=question, answers=[answer] * NUM_ANSWERS)
+    return fields
 
   def describe(self, index: int) -> ExampleSpec:
     """The semantic content of example `index`, without rendering the image."""
@@ -351,7 +366,7 @@ class SyntheticImageText:
         'key': f'synthetic/{self.split}/{self.seed}/{index}',
     }
     if self.task == 'vqa':
-      question, answer, kind = self.question(index)
+      question, answer, kind = self._question(index, spec)
       example.update(question=question, answers=[answer] * NUM_ANSWERS,
                      answer_type=kind)
     return example

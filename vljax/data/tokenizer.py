@@ -16,7 +16,8 @@ Two ways to get a model:
   synthetic questions, their answers and the task prompts ("caption en",
   "answer en ..."), for models trained on `synthetic?task=vqa`
   (`uses_synthetic_vqa` tells when).
-* The command line trains one on the captions of any source (docs/tokenizer.md):
+* The command line trains one on the captions of any source, and the questions and answers
+  of its VQA records (docs/tokenizer.md):
 
     python -m vljax.data.tokenizer train SPEC --vocab_size N --out PATH \\
         [--max_captions M] [--model_type unigram|bpe] [--lowercase] \\
@@ -435,30 +436,63 @@ class NoCaptionsError(ConfigError):
 
 
 @dataclasses.dataclass
-class CaptionStats:
-  """What `read_captions` read."""
+class TextStats:
+  """What `read_texts` read (counts after clean-up)."""
   records_sampled: int = 0  # records chosen (at most max_records)
-  records_skipped: int = 0  # of those, unreadable or without a usable caption
+  records_skipped: int = 0  # of those, unreadable or without any usable text
   first_skipped: str = ''  # 'KEY: reason' of the first skipped record
   captions: int = 0
+  questions: int = 0  # VQA records' questions
+  answers: int = 0  # their distinct answers (one per distinct answer per question)
 
 
-def _caption_reader(source: Any) -> Callable[[int], Any]:
-  """index -> raw caption(s) of that record, reading no image where it can.
+# The name from before VQA records were read.
+CaptionStats = TextStats
 
-  Images are ~1000x the bytes of their captions, so readers that can read a caption alone
-  (webdataset, jsonl/csv, synthetic: their `caption(index)`) are read that way; the others
-  through __getitem__. Raises as the reader would for a bad record.
+
+def _text_reader(source: Any) -> Callable[[int], dict[str, Any]]:
+  """index -> raw text fields of that record ('caption', 'question', 'answers'), reading no
+  image where it can.
+
+  Images are ~1000x the bytes of their texts, so readers that can read texts alone
+  (webdataset, jsonl/csv, vqav2, synthetic: their `text_fields(index)`) are read that way; the
+  others through __getitem__. Raises as the reader would for a bad record.
   """
-  if hasattr(source, 'caption'):
-    return source.caption
+  if hasattr(source, 'text_fields'):
+    return source.text_fields
 
-  def read_record(i: int) -> Any:
+  def read_record(i: int) -> dict[str, Any]:
     record = source[i]
     if 'error' in record:  # a SafeSource-style error record
       raise ValueError(record['error'])
-    return record.get('caption')
+    return formats.text_fields_of(record)
   return read_record
+
+
+def _clean_texts(fields: dict[str, Any], options: preprocess.TextOptions
+                 ) -> tuple[list[str], list[str], list[str]]:
+  """(captions, [question], distinct answers) of a record, cleaned as training cleans them.
+
+  Raises BadRecord when nothing is usable, ValueError on answers that are not strings.
+  """
+  captions = preprocess.captions_list(fields.get('caption'), options)
+  questions: list[str] = []
+  answers: list[str] = []
+  if fields.get('question') is not None:
+    try:
+      questions = [preprocess.clean_caption(fields['question'], options)]
+    except preprocess.BadRecord:
+      pass
+  # Training uses answers only with a usable question, so the tokenizer does too. Repeats
+  # (VQAv2's 10 human answers, mostly the same) are read once: otherwise 'yes' and 'no' would
+  # make up a large share of the corpus.
+  if questions:
+    cleaned = preprocess.captions_list(formats.answer_list(fields.get('answers')), options)
+    answers = list(dict.fromkeys(cleaned))
+  if not (captions or questions):
+    raise preprocess.BadRecord('no usable caption or question'
+                               if fields.get('question') is not None else 'no usable caption')
+  return captions, questions, answers
 
 
 def _plan(source: Any, max_records: int,
@@ -489,15 +523,17 @@ def _plan(source: Any, max_records: int,
   return plan
 
 
-def read_captions(spec: str, max_records: int = DEFAULT_MAX_RECORDS,
-                  seed: int = 0,
-                  text_options: preprocess.TextOptions = preprocess.TextOptions(),
-                  progress: Callable[[str], None] | None = None
-                  ) -> tuple[list[str], CaptionStats]:
-  """The cleaned captions of up to `max_records` random records of `spec`.
+def read_texts(spec: str, max_records: int = DEFAULT_MAX_RECORDS,
+               seed: int = 0,
+               text_options: preprocess.TextOptions = preprocess.TextOptions(),
+               progress: Callable[[str], None] | None = None
+               ) -> tuple[list[str], TextStats]:
+  """The cleaned texts of up to `max_records` random records of `spec`.
 
-  Every caption of a record with several is kept. Records that cannot be read
-  or have no usable caption are skipped and counted.
+  A record gives its captions (every one of a record with several), then, for a VQA record,
+  its question and its distinct answers: the texts a captioning + VQA model reads and writes.
+  A captions-only source gives exactly its captions. Records that cannot be read or have no
+  usable caption or question are skipped and counted.
 
   Args:
     spec: a vljax source spec (vljax.data.sources), mixtures included.
@@ -505,7 +541,7 @@ def read_captions(spec: str, max_records: int = DEFAULT_MAX_RECORDS,
       replacement; all when the source is no larger).
     seed: seed of the sample (and of the synthetic data).
     text_options: the clean-up the pipeline applies (config.data.lowercase,
-      canonicalize).
+      canonicalize), to captions, questions and answers alike.
     progress: called with a short line now and then on large sources.
 
   Raises:
@@ -514,28 +550,32 @@ def read_captions(spec: str, max_records: int = DEFAULT_MAX_RECORDS,
   source = sources.get_source(spec, 'train', image_size=32, seed=seed)
   rng = np.random.default_rng(seed)
   plan = _plan(source, max(0, int(max_records)), rng)
-  stats = CaptionStats(records_sampled=sum(len(ix) for _, ix in plan))
-  captions: list[str] = []
+  stats = TextStats(records_sampled=sum(len(ix) for _, ix in plan))
+  texts: list[str] = []
   done = 0
   for part, indices in plan:
-    read = _caption_reader(part)
+    read = _text_reader(part)
     for index in indices.tolist():
       done += 1
       if progress and done % 100_000 == 0:
         progress(f'read {done:,} of {stats.records_sampled:,} records')
       try:
-        found = preprocess.captions_list(read(index), text_options)
-        if not found:
-          raise preprocess.BadRecord('no usable caption')
+        captions, questions, answers = _clean_texts(read(index), text_options)
       except Exception as e:  # pylint: disable=broad-except
         # One unreadable record must not stop the run; it is counted instead.
         stats.records_skipped += 1
         if not stats.first_skipped:
           stats.first_skipped = f'{formats.describe_record(part, index)}: {e}'
         continue
-      captions.extend(found)
-  stats.captions = len(captions)
-  return captions, stats
+      texts += captions + questions + answers
+      stats.captions += len(captions)
+      stats.questions += len(questions)
+      stats.answers += len(answers)
+  return texts, stats
+
+
+# The name from before VQA records were read (tests, docs/tokenizer.md).
+read_captions = read_texts
 
 
 @dataclasses.dataclass
@@ -544,33 +584,40 @@ class TrainReport:
   spec: str
   out: str
   model_type: str
-  stats: CaptionStats
+  stats: TextStats
   vocab_size: int
-  tokens_per_caption: float  # mean, EOS not counted
+  tokens_per_caption: float  # mean per text read (caption, question or answer), EOS not counted
   tokens_per_word: float  # tokens / whitespace-separated words
   unk_share: float  # share of <unk> among the tokens
-  examples: list[tuple[str, list[str], list[int]]]  # caption, pieces, ids
+  examples: list[tuple[str, list[str], list[int]]]  # text, pieces, ids
 
   def format(self) -> str:
     s = self.stats
     skipped = f'{s.records_skipped:,}'
     if s.first_skipped:
       skipped += f' (first: {s.first_skipped})'
+    # VQA lines only when the sample had VQA records: a captions-only report reads as before.
+    vqa = bool(s.questions or s.answers)
+    read = [f'  captions read:      {s.captions:,}']
+    if vqa:
+      read += [f'  questions read:     {s.questions:,}',
+               f'  answers read:       {s.answers:,} (distinct per question)']
+    per = '  tokens per text:   ' if vqa else '  tokens per caption:'
     lines = [
         f'Trained a {self.model_type} sentencepiece model on {self.spec!r}; '
         f'wrote {self.out}',
         f'  records sampled:    {s.records_sampled:,}',
         f'  records skipped:    {skipped}',
-        f'  captions read:      {s.captions:,}',
+        *read,
         f'  vocabulary size:    {self.vocab_size:,} '
         f'(pad {PAD_ID}, eos {EOS_ID}, unk {UNK_ID})',
-        f'  tokens per caption: {self.tokens_per_caption:.2f} mean, EOS not '
+        f'{per} {self.tokens_per_caption:.2f} mean, EOS not '
         f'counted ({self.tokens_per_word:.2f} per word)',
         f'  <unk> share:        {100 * self.unk_share:.3f}% of tokens',
         '  examples:',
     ]
-    for caption, pieces, ids in self.examples:
-      lines.append(f'    {caption!r}')
+    for text, pieces, ids in self.examples:
+      lines.append(f'    {text!r}')
       lines.append(f'      -> {" ".join(pieces)}')
       lines.append(f'      -> {ids}')
     return '\n'.join(lines)
@@ -584,17 +631,20 @@ def train_tokenizer(spec: str, vocab_size: int, out: str, *,
                     seed: int = 0,
                     progress: Callable[[str], None] | None = None
                     ) -> TrainReport:
-  """Trains a sentencepiece model on `spec`'s captions and writes it to `out`.
+  """Trains a sentencepiece model on `spec`'s texts and writes it to `out`.
+
+  The texts are those of `read_texts`: captions, and the questions and answers of VQA
+  records.
 
   The model has vljax's ids (pad 0, eos 1, unk 2, no bos) and no byte
   fallback: a character outside `character_coverage` becomes <unk>, which the
   report counts, rather than several byte pieces.
 
   Raises:
-    NoCaptionsError: the sample holds no usable caption.
+    NoCaptionsError: the sample holds no usable caption or question.
     ConfigError: a bad spec or empty source.
     ValueError: a bad argument, or sentencepiece cannot train (e.g. the
-      vocabulary is larger than the captions support).
+      vocabulary is larger than the texts support).
   """
   if model_type not in MODEL_TYPES:
     raise ValueError(f'model_type={model_type!r}; choose one of {MODEL_TYPES}.')
@@ -602,19 +652,19 @@ def train_tokenizer(spec: str, vocab_size: int, out: str, *,
     raise ValueError(f'vocab_size must be >= 4, got {vocab_size}.')
   options = preprocess.TextOptions(lowercase=lowercase,
                                    canonicalize=canonicalize)
-  captions, stats = read_captions(spec, max_records, seed, options, progress)
-  if not captions:
+  texts, stats = read_texts(spec, max_records, seed, options, progress)
+  if not texts:
     detail = f' (first: {stats.first_skipped})' if stats.first_skipped else ''
     raise NoCaptionsError(
-        f'No usable caption in {spec!r}: {stats.records_sampled:,} records '
+        f'No usable caption or question in {spec!r}: {stats.records_sampled:,} records '
         f'sampled, {stats.records_skipped:,} skipped{detail}.')
-  if progress and len(captions) >= 100_000:  # only worth saying when it takes a while
-    progress(f'training on {len(captions):,} captions')
+  if progress and len(texts) >= 100_000:  # only worth saying when it takes a while
+    progress(f'training on {len(texts):,} texts')
   # The trainer shuffles its input with sentencepiece's global generator.
   spm.set_random_generator_seed(seed)
   try:
     proto = _train_sentencepiece(
-        captions, model_type=model_type, vocab_size=vocab_size,
+        texts, model_type=model_type, vocab_size=vocab_size,
         character_coverage=character_coverage, pad_id=PAD_ID, eos_id=EOS_ID,
         unk_id=UNK_ID, bos_id=-1, byte_fallback=False,
         normalization_rule_name='nmt_nfkc', num_threads=os.cpu_count() or 1)
@@ -623,27 +673,27 @@ def train_tokenizer(spec: str, vocab_size: int, out: str, *,
     reason = str(e).rsplit('] ', 1)[-1].strip()
     raise ValueError(
         f'sentencepiece cannot train a {vocab_size}-piece {model_type} model '
-        f'on the {len(captions):,} captions of {spec!r}: {reason} Use a '
-        'smaller --vocab_size or more captions.') from e
+        f'on the {len(texts):,} texts of {spec!r}: {reason} Use a '
+        'smaller --vocab_size or more records.') from e
   tok = Tokenizer.from_serialized(proto, name=out)
   write_atomic(out, proto)
 
   num_tokens = num_unk = num_words = 0
   chunk = 10_000  # encode in chunks: a million id lists at once is ~1 GB
-  for start in range(0, len(captions), chunk):
-    batch = captions[start:start + chunk]
+  for start in range(0, len(texts), chunk):
+    batch = texts[start:start + chunk]
     for ids in tok._sp.encode(batch, out_type=int):  # pylint: disable=protected-access
       num_tokens += len(ids)
       num_unk += sum(1 for i in ids if i == UNK_ID)
     num_words += sum(len(c.split()) for c in batch)
   examples = []
-  for caption in captions[:3]:
-    ids = tok._sp.encode(caption, out_type=int)  # pylint: disable=protected-access
-    examples.append((caption, [tok.id_to_piece(i) for i in ids], ids))
+  for text in texts[:3]:
+    ids = tok._sp.encode(text, out_type=int)  # pylint: disable=protected-access
+    examples.append((text, [tok.id_to_piece(i) for i in ids], ids))
   return TrainReport(
       spec=spec, out=out, model_type=model_type, stats=stats,
       vocab_size=tok.vocab_size,
-      tokens_per_caption=num_tokens / len(captions),
+      tokens_per_caption=num_tokens / len(texts),
       tokens_per_word=num_tokens / max(num_words, 1),
       unk_share=num_unk / max(num_tokens, 1), examples=examples)
 
@@ -657,9 +707,10 @@ def _parser() -> argparse.ArgumentParser:
       description='Sentencepiece tokenizers for vljax (docs/tokenizer.md).')
   commands = parser.add_subparsers(dest='command', required=True)
   train = commands.add_parser(
-      'train', help="train a model on a source's captions",
+      'train', help="train a model on a source's captions (and VQA questions and answers)",
       description='Trains a sentencepiece model (pad 0, eos 1, unk 2) on the '
-      'captions of a vljax source, e.g. "jsonl:/data/cc3m.jsonl" or '
+      'captions, and the questions and answers of VQA records, of a vljax source, e.g. '
+      '"jsonl:/data/cc3m.jsonl" or '
       '"webdataset:/data/cc12m/{00000..01242}.tar".')
   train.add_argument('spec', help='vljax source spec (mixtures included)')
   train.add_argument('--vocab_size', type=int, required=True,
@@ -667,12 +718,13 @@ def _parser() -> argparse.ArgumentParser:
   train.add_argument('--out', required=True, help='the .model file to write')
   train.add_argument('--max_captions', type=int, default=DEFAULT_MAX_RECORDS,
                      help='read at most this many records, chosen at random '
-                     '(each gives all its captions; default %(default)s)')
+                     '(each gives all its captions, question and distinct answers; '
+                     'default %(default)s)')
   train.add_argument('--model_type', choices=MODEL_TYPES, default='unigram')
   train.add_argument('--lowercase', action='store_true',
-                     help='lowercase captions (as config.data.lowercase)')
+                     help='lowercase the texts (as config.data.lowercase)')
   train.add_argument('--canonicalize', action='store_true',
-                     help='canonicalize captions (as config.data.canonicalize)')
+                     help='canonicalize the texts (as config.data.canonicalize)')
   train.add_argument('--character_coverage', type=float,
                      default=DEFAULT_CHARACTER_COVERAGE,
                      help='share of characters given a piece; the rarest '

@@ -22,7 +22,7 @@ standard deviation is further divided by sqrt(head_dim), which is what stands in
 logit scale. Embeddings are N(0, 1), the relative-bias table variance_scaling(1, fan_avg,
 uniform), norm scales ones.
 
-EncoderDecoder parameter tree (names follow T5X, so T5X checkpoints map by renaming little):
+EncoderDecoder parameter tree (names after T5X's):
   token_embedder/embedding                 [vocab_size + 1, width]
   encoder/relpos_bias/rel_embedding        [num_buckets, heads]
   encoder/layers_i/{pre_attention_norm, attention/{query,key,value,out}, pre_mlp_norm,
@@ -369,9 +369,9 @@ class DecoderLayer(nn.Module):
 
   def setup(self):
     norm = lambda: RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype)
-    attention = lambda: Attention(self.width, self.num_heads, self.head_dim,  # pylint: disable=g-long-lambda
-                                  dropout=self.dropout, dtype=self.dtype,
-                                  param_dtype=self.param_dtype)
+    attention = lambda: Attention(  # pylint: disable=g-long-lambda
+        self.width, self.num_heads, self.head_dim, dropout=self.dropout, dtype=self.dtype,
+        param_dtype=self.param_dtype)
     self.pre_self_attention_norm = norm()
     self.self_attention = attention()
     self.pre_cross_attention_norm = norm()
@@ -453,6 +453,22 @@ class Encoder(nn.Module):
     return nn.Dropout(rate=self.dropout)(x, deterministic=not train)
 
 
+def _setup_generating_stack(module: nn.Module, layer_cls: type, bidirectional: bool) -> None:
+  """Sets up, inside `module.setup`, what every stack that ends in logits has: relpos_bias,
+  layers_0.., decoder_norm, final_dropout, logits, embed_dropout (Decoder, PrefixLM)."""
+  module.relpos_bias = RelativePositionBias(module.num_heads, bidirectional, module.num_buckets,
+                                            module.max_distance,
+                                            param_dtype=module.param_dtype)
+  module.layers = [
+      layer_cls(module.width, module.num_heads, module.head_dim, module.mlp_dim,
+                dropout=module.dropout, dtype=module.dtype, param_dtype=module.param_dtype)
+      for _ in range(module.depth)]
+  module.decoder_norm = RMSNorm(dtype=module.dtype, param_dtype=module.param_dtype)
+  module.final_dropout = nn.Dropout(rate=module.dropout)
+  module.logits = _logits_head(module.vocab_size, module.param_dtype)
+  module.embed_dropout = nn.Dropout(rate=module.dropout)
+
+
 class Decoder(nn.Module):
   """Causal T5 decoder stack with cross-attention: relpos_bias, layers_0.., decoder_norm, logits.
 
@@ -471,16 +487,8 @@ class Decoder(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.relpos_bias = RelativePositionBias(self.num_heads, False, self.num_buckets,
-                                            self.max_distance, param_dtype=self.param_dtype)
-    self.layers = [
-        DecoderLayer(self.width, self.num_heads, self.head_dim, self.mlp_dim,
-                     dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
-        for _ in range(self.depth)]
-    self.decoder_norm = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.final_dropout = nn.Dropout(rate=self.dropout)
-    self.logits = _logits_head(self.vocab_size, self.param_dtype)
-    self.embed_dropout = nn.Dropout(rate=self.dropout)
+    # Causal buckets: a decoder position never looks ahead.
+    _setup_generating_stack(self, DecoderLayer, bidirectional=False)
 
   def _logits(self, x: Array, train: bool) -> Array:
     return _project_logits(self.decoder_norm, self.final_dropout, self.logits, x, train)
@@ -542,13 +550,12 @@ def _shift_right(targets: Array, bos_id: int) -> Array:
   return jnp.concatenate([bos, targets[:, :-1]], axis=1)
 
 
-class EncoderDecoder(nn.Module):
-  """T5 v1.1 encoder-decoder (sizes: see SIZES and text_kwargs).
+class _T5Text(nn.Module):
+  """What both T5-style text models share: sizes, ids, the token embedding.
 
   Attributes:
     vocab_size: tokenizer vocabulary; the embedding has one more row (BOS = vocab_size).
     width, num_heads, head_dim, mlp_dim: layer sizes (head_dim is independent of width).
-    encoder_depth, decoder_depth: layers per stack.
     num_buckets, max_distance: relative position buckets.
     dropout: T5 dropout rate (train only).
     pad_id, eos_id: tokenizer ids (real tokens: coca.caption_mask).
@@ -558,8 +565,6 @@ class EncoderDecoder(nn.Module):
   num_heads: int
   head_dim: int
   mlp_dim: int
-  encoder_depth: int
-  decoder_depth: int
   num_buckets: int = 32
   max_distance: int = 128
   dropout: float = 0.0
@@ -572,6 +577,20 @@ class EncoderDecoder(nn.Module):
   def bos_id(self) -> int:
     return self.vocab_size
 
+  def embed(self, tokens: Array) -> Array:
+    """Token embedding [B, L, D] of ids [B, L] (ids up to vocab_size = BOS)."""
+    return layers.constrain(self.token_embedder(tokens), layers.ACT_SEQ)
+
+
+class EncoderDecoder(_T5Text):
+  """T5 v1.1 encoder-decoder (sizes: see SIZES and text_kwargs; attributes of _T5Text).
+
+  Attributes:
+    encoder_depth, decoder_depth: layers per stack (text_kwargs requires both).
+  """
+  encoder_depth: int = 0
+  decoder_depth: int = 0
+
   def setup(self):
     self.token_embedder = _token_embedder(self.vocab_size, self.width, self.dtype,
                                           self.param_dtype)
@@ -581,10 +600,6 @@ class EncoderDecoder(nn.Module):
                  param_dtype=self.param_dtype)
     self.encoder = Encoder(depth=self.encoder_depth, **sizes)
     self.decoder = Decoder(self.vocab_size, depth=self.decoder_depth, **sizes)
-
-  def embed(self, tokens: Array) -> Array:
-    """Shared token embedding [B, L, D] of ids [B, L] (ids up to vocab_size = BOS)."""
-    return layers.constrain(self.token_embedder(tokens), layers.ACT_SEQ)
 
   def encode(self, inputs: Array, input_mask: Array, train: bool = False) -> Array:
     """Encoder output [B, L, D] of input embeddings [B, L, D] with real tokens input_mask."""
@@ -624,47 +639,18 @@ class EncoderDecoder(nn.Module):
     return self.decoder.decode_step(self.embed(tokens), position, cache)
 
 
-class PrefixLM(nn.Module):
+class PrefixLM(_T5Text):
   """One T5 v1.1 stack over [inputs, BOS, targets] (PaliGemma / SimVLM-style prefix-LM).
 
-  Attributes are EncoderDecoder's, with one `depth` for the single stack.
+  Attributes are _T5Text's, and `depth`, the layers of the single stack.
   """
-  vocab_size: int
-  width: int
-  num_heads: int
-  head_dim: int
-  mlp_dim: int
-  depth: int
-  num_buckets: int = 32
-  max_distance: int = 128
-  dropout: float = 0.0
-  pad_id: int = 0
-  eos_id: int = 1
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @property
-  def bos_id(self) -> int:
-    return self.vocab_size
+  depth: int = 0
 
   def setup(self):
     self.token_embedder = _token_embedder(self.vocab_size, self.width, self.dtype,
                                           self.param_dtype)
     # Bidirectional buckets: input tokens attend forwards as well as backwards.
-    self.relpos_bias = RelativePositionBias(self.num_heads, True, self.num_buckets,
-                                            self.max_distance, param_dtype=self.param_dtype)
-    self.layers = [
-        EncoderLayer(self.width, self.num_heads, self.head_dim, self.mlp_dim,
-                     dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
-        for _ in range(self.depth)]
-    self.decoder_norm = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.final_dropout = nn.Dropout(rate=self.dropout)
-    self.logits = _logits_head(self.vocab_size, self.param_dtype)
-    self.embed_dropout = nn.Dropout(rate=self.dropout)
-
-  def embed(self, tokens: Array) -> Array:
-    """Token embedding [B, L, D] of ids [B, L] (ids up to vocab_size = BOS)."""
-    return layers.constrain(self.token_embedder(tokens), layers.ACT_SEQ)
+    _setup_generating_stack(self, EncoderLayer, bidirectional=True)
 
   def _logits(self, x: Array, train: bool) -> Array:
     return _project_logits(self.decoder_norm, self.final_dropout, self.logits, x, train)

@@ -203,14 +203,17 @@ class MultiHeadAttention(nn.Module):
     proj = lambda name: _head_projection(name, self.num_heads, head_dim, self.dtype,
                                          self.param_dtype)
 
+    # The query is projected before the keys/values, as it always was: in self-attention
+    # (inputs_q is inputs_kv) this order is the order in which the input's gradients add up,
+    # so keeping it keeps training bit-for-bit what it was.
+    q = None if inputs_q is None else constrain(proj("query")(inputs_q), ACT_HEADS)
     if keys_values is None:
       k = constrain(proj("key")(inputs_kv), ACT_HEADS)
       v = constrain(proj("value")(inputs_kv), ACT_HEADS)
     else:
       k, v = keys_values
-    if inputs_q is None:
+    if q is None:
       return k, v
-    q = constrain(proj("query")(inputs_q), ACT_HEADS)
 
     q = q / jnp.sqrt(head_dim).astype(q.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype))

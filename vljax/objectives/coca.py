@@ -14,7 +14,7 @@ import ml_collections
 
 from vljax import decode
 from vljax.configlib import ConfigError
-from vljax.losses import captioning_loss
+from vljax.losses.captioning import per_example_token_terms, reduce_token_terms
 from vljax.models import coca
 from vljax.objectives import base
 from vljax.objectives import contrastive
@@ -36,18 +36,34 @@ class CocaObjective(base.Objective):
   def init(self, rng: jax.Array, batch: dict[str, Any]) -> Any:
     return self.model.init(rng, batch["image"], batch["text"])["params"]
 
-  def loss_fn(self, params: Any, batch: dict[str, jax.Array],
-              rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def embed(self, params: Any, batch: dict[str, jax.Array],
+            rng: jax.Array) -> dict[str, jax.Array]:
+    """The per-example part of the loss: unit-norm embeddings [B, D] and each caption's summed
+    token cross-entropy, real-token and correct-token counts [B]."""
     out = self.model.apply({"params": params}, batch["image"], batch["text"], train=True,
                            rngs={"dropout": rng})
-    con, metrics = contrastive.contrastive_loss(self.loss_cfg, out["zimg"], out["ztxt"],
-                                                out["scale"], out.get("bias"))
     targets = batch["text"]
     mask = coca.caption_mask(targets, self.pad_id, self.eos_id)
-    cap, acc = captioning_loss(out["logits"], targets, mask, self.loss_cfg.label_smoothing)
+    terms = per_example_token_terms(out["logits"], targets, mask, self.loss_cfg.label_smoothing)
+    return {"zimg": out["zimg"], "ztxt": out["ztxt"], **terms}
+
+  def loss_from_embeddings(self, params: Any, embeddings: dict[str, jax.Array],
+                           rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The batch-coupled part: the contrastive loss over every pair, and the captioning loss
+    averaged over every real target token of the batch."""
+    del rng
+    scalars = self.model.apply({"params": params}, method=coca.CoCa.logit_scalars)
+    con, metrics = contrastive.contrastive_loss(self.loss_cfg, embeddings["zimg"],
+                                                embeddings["ztxt"], scalars["scale"],
+                                                scalars.get("bias"))
+    cap, acc = reduce_token_terms(embeddings)
     loss = self.loss_cfg.contrastive_weight * con + self.loss_cfg.captioning_weight * cap
     metrics.update({"contrastive_loss": con, "captioning_loss": cap, "token_accuracy": acc})
     return loss, metrics
+
+  def loss_fn(self, params: Any, batch: dict[str, jax.Array],
+              rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng)
 
   def embed_images(self, params: Any, images: jax.Array) -> jax.Array:
     return self.model.apply({"params": params}, images, method=coca.CoCa.embed_images)

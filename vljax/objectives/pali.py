@@ -20,7 +20,7 @@ import numpy as np
 
 from vljax import decode
 from vljax.configlib import ConfigError
-from vljax.losses import captioning_loss
+from vljax.losses.captioning import per_example_token_terms, reduce_token_terms
 from vljax.models import coca
 from vljax.models import pali
 from vljax.objectives import base
@@ -87,15 +87,25 @@ class PaliObjective(base.Objective):
   def init(self, rng: jax.Array, batch: dict[str, Any]) -> Any:
     return self.model.init(rng, batch["image"], batch["prefix"], batch["targets"])["params"]
 
-  def loss_fn(self, params: Any, batch: dict[str, jax.Array],
-              rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def embed(self, params: Any, batch: dict[str, jax.Array],
+            rng: jax.Array) -> dict[str, jax.Array]:
+    """Each example's summed target-token cross-entropy, real-token and correct-token counts."""
     logits = self.model.apply({"params": params}, batch["image"], batch["prefix"],
                               batch["targets"], train=True, rngs={"dropout": rng})
     targets = batch["targets"]
     mask = coca.caption_mask(targets, self.pad_id, self.eos_id)
-    loss, acc = captioning_loss(logits, targets, mask, self.label_smoothing)
-    return loss, {"token_accuracy": acc,
-                  "target_tokens": jnp.sum(mask).astype(jnp.float32)}
+    return per_example_token_terms(logits, targets, mask, self.label_smoothing)
+
+  def loss_from_embeddings(self, params: Any, embeddings: dict[str, jax.Array],
+                           rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Cross-entropy averaged over every real target token of the batch."""
+    del params, rng
+    loss, acc = reduce_token_terms(embeddings)
+    return loss, {"token_accuracy": acc, "target_tokens": jnp.sum(embeddings["tokens"])}
+
+  def loss_fn(self, params: Any, batch: dict[str, jax.Array],
+              rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng)
 
   # ------------------------------------------------------------------ decoding
 

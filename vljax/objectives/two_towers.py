@@ -23,12 +23,24 @@ class TwoTowersObjective(base.Objective):
   def init(self, rng: jax.Array, batch: dict[str, Any]) -> Any:
     return self.model.init(rng, batch["image"], batch["text"])["params"]
 
+  def embed(self, params: Any, batch: dict[str, jax.Array],
+            rng: jax.Array) -> dict[str, jax.Array]:
+    """The per-example part of the loss: unit-norm image and text embeddings [B, D]."""
+    zimg, ztxt, _ = self.model.apply({"params": params}, batch["image"], batch["text"],
+                                     train=True, rngs={"dropout": rng})
+    return {"zimg": zimg, "ztxt": ztxt}
+
+  def loss_from_embeddings(self, params: Any, embeddings: dict[str, jax.Array],
+                           rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The batch-coupled part: the contrastive loss over every pair of the batch."""
+    del rng
+    out = self.model.apply({"params": params}, None, None)[2]
+    return contrastive.contrastive_loss(self.loss_cfg, embeddings["zimg"], embeddings["ztxt"],
+                                        out["scale"], out.get("bias"))
+
   def loss_fn(self, params: Any, batch: dict[str, jax.Array],
               rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    zimg, ztxt, out = self.model.apply({"params": params}, batch["image"], batch["text"],
-                                       train=True, rngs={"dropout": rng})
-    return contrastive.contrastive_loss(self.loss_cfg, zimg, ztxt, out["scale"],
-                                        out.get("bias"))
+    return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng)
 
   def embed_images(self, params: Any, images: jax.Array) -> jax.Array:
     return self.model.apply({"params": params}, images, None)[0]
