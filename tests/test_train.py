@@ -458,3 +458,40 @@ def test_gradient_accumulation_is_validated_before_compiling():
     train.validate(config, 8, 1)
   with pytest.raises(configlib.ConfigError, match="grad_accum_steps=0"):
     train.validate(tiny_config("siglip", "grad_accum_steps=0"), 8, 1)
+
+
+def test_compilation_cache_serves_the_second_run(tmp_path):
+  # Two processes compile the same step: the second loads it from config.compilation_cache.
+  cache = tmp_path / "cache"
+  seconds = []
+  for i in range(2):
+    workdir = tmp_path / f"run{i}"
+    subprocess.run([sys.executable, "-m", "vljax.main",
+                    f"--config={os.path.join(ROOT, 'configs', 'siglip.py')}:scale=tiny",
+                    f"--workdir={workdir}", "--dry_run", "--dry_run_vocab_size=1000",
+                    f"--config.compilation_cache={cache}"], check=True, capture_output=True)
+    with open(workdir / "compile.json") as f:
+      seconds.append(json.load(f)["compile_seconds"])
+  assert any(p.name.startswith("jit_train_step") for p in cache.iterdir())
+  assert seconds[1] < seconds[0]
+
+
+def test_device_batches_run_ahead_but_report_the_state_of_the_last_batch_taken(tokenizer):
+  config = tiny_config("siglip")
+  source = train.train_source(config)
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+  setup = train.build(config, tokenizer, mesh, epoch_size=None)
+  batches = train.DeviceBatches(train.make_iterator(config, source, tokenizer, setup.objective),
+                                mesh, setup.batch_shardings, ahead=2)
+  for _ in range(3):
+    next(batches)
+    batches.fill()  # now two more batches are read and placed
+  state = batches.get_state()
+  fourth, extras = next(batches)
+  assert "_skipped" in extras and not any(k.startswith("_") for k in fourth)
+  # A fresh iterator resumed from that state yields exactly the fourth batch.
+  resumed = train.make_iterator(config, source, tokenizer, setup.objective)
+  resumed.set_state(state)
+  again = next(resumed)
+  for key, value in fourth.items():
+    np.testing.assert_array_equal(np.asarray(value), again[key])

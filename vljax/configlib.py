@@ -198,6 +198,13 @@ def steps_for(config: ml_collections.ConfigDict, prefix: str, global_batch: int,
   return int(value * epoch_size) // global_batch
 
 
+def cache_root() -> str:
+  """Where vljax caches what it can rebuild (tokenizers, tar indexes, compiled steps):
+  $VLJAX_CACHE, else ~/.cache/vljax."""
+  return os.environ.get("VLJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                       "vljax")
+
+
 def base_train_config() -> ml_collections.ConfigDict:
   """Trainer settings shared by every family; a config file fills in model, loss and recipe."""
   c = ml_collections.ConfigDict()
@@ -264,6 +271,10 @@ def base_train_config() -> ml_collections.ConfigDict:
   c.sharding = ml_collections.ConfigDict(dict(rules=None))  # None: vljax.sharding.DEFAULT_RULES
 
   c.log_every_steps = 50
+  # Compiled train steps are kept here and reused by the next run with the same program: ""
+  # = $VLJAX_CACHE/jax_compilation (~/.cache/vljax/...), shared by the runs of this machine;
+  # "none" = off; or a directory (a shared filesystem serves a whole cluster).
+  c.compilation_cache = ""
   c.tensorboard = True
   c.nan_policy = "stop"  # or "skip": drop the update of a step whose loss/grad is not finite
   # on_restore_error: "stop" (default; nothing is deleted) or "previous" (fall back to the

@@ -5,6 +5,7 @@ the optimizer, metrics, checkpoints and evaluation, and never knows which family
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -459,6 +460,23 @@ def compile_step(setup: Setup, step_fn: Callable, batch_size: int):
   return compiled, cost
 
 
+def enable_compilation_cache(config: ml_collections.ConfigDict) -> str | None:
+  """Points JAX's persistent compilation cache at config.compilation_cache; returns the
+  directory (None: off). The first directory a process sets is kept for its lifetime."""
+  setting = config.get("compilation_cache", "")
+  if setting == "none":
+    return None
+  directory = setting or os.path.join(configlib.cache_root(), "jax_compilation")
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  jax.config.update("jax_compilation_cache_dir", directory)
+  # The train step of even a small model takes seconds to compile; cache everything slower
+  # than one second (JAX's default), whatever its size.
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return directory
+
+
 def model_flops(config: ml_collections.ConfigDict, vocab_size: int
                 ) -> tuple[float | None, float | None]:
   """(analytic training FLOPs per example, this device's peak FLOP/s), None where unknown."""
@@ -501,6 +519,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str,
   """
   validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
+  enable_compilation_cache(config)
   tokenizer = (VocabularyStandIn(vocab_size) if vocab_size
                else run_tokenizer(config, workdir))
   if config.get("total_epochs") is not None:
@@ -619,6 +638,41 @@ def load_latest(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
   return setup, tokenizer, step, state
 
 
+class DeviceBatches:
+  """The training batches, placed on the devices `ahead` steps before the step takes them.
+
+  The host→device copies of the next batches overlap the running step. Data-only keys
+  ('_skipped', '_skipped_keys', ...) stay on the host and come back with their batch. Because
+  the underlying iterator runs ahead, `get_state()` is the state right after the last batch
+  handed out (what a checkpoint of that step must hold), not the iterator's own.
+  """
+
+  def __init__(self, iterator, mesh: Mesh, shardings: dict[str, NamedSharding], ahead: int = 2):
+    self._iterator, self._mesh, self._shardings = iterator, mesh, shardings
+    self._ahead = max(1, ahead)
+    self._queue: collections.deque = collections.deque()
+    self._state = iterator.get_state()
+
+  def fill(self) -> None:
+    """Reads and places batches until `ahead` wait on the devices. Called right after a step
+    is dispatched, so the host prepares the next batches while the devices compute."""
+    while len(self._queue) < self._ahead:
+      host = next(self._iterator)
+      extras = {k: host.pop(k) for k in [k for k in host if k.startswith("_")]}
+      batch = sharding.global_batch_from_host(host, self._mesh, self._shardings)
+      self._queue.append((batch, extras, self._iterator.get_state()))
+
+  def __next__(self) -> tuple[dict[str, jax.Array], dict[str, Any]]:
+    """(device batch, its host-only extras)."""
+    if not self._queue:
+      self.fill()
+    batch, extras, self._state = self._queue.popleft()
+    return batch, extras
+
+  def get_state(self) -> dict[str, Any]:
+    return self._state
+
+
 class PreemptionNotice:
   """Remembers a SIGTERM so the loop can save at the next step boundary and exit cleanly.
 
@@ -687,6 +741,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   mesh = sharding.make_mesh(config.mesh)
   logging.info("Mesh %s over %d devices (%s).", dict(mesh.shape), mesh.size,
                jax.devices()[0].platform)
+  cache = enable_compilation_cache(config)
+  if cache:
+    logging.info("Compilation cache: %s.", cache)
   tokenizer = run_tokenizer(config, workdir)
   # Every data and eval source is opened and a few of its records decoded before anything
   # compiles: a wrong path or unusable data is a ConfigError naming its config key now.
@@ -734,19 +791,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             f"without saving this step; set config.nan_policy='skip' to skip such updates.")
       logging.warning("Skipped the update of step %d: non-finite loss or gradient.", step)
 
+  batches = DeviceBatches(iterator, mesh, setup.batch_shardings)
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
       for step in range(start_step + 1, total + 1):
-        host_batch = next(iterator)
-        # Data-only keys ('_skipped', ...) stay on the host; the step sees the objective's
-        # declared fields.
-        skipped_records += int(host_batch.pop("_skipped", 0))
-        skipped_sample.extend(host_batch.pop("_skipped_keys", ()))
+        # The step sees the objective's declared fields; data-only extras stay on the host.
+        batch, extras = next(batches)
+        skipped_records += int(extras.get("_skipped", 0))
+        skipped_sample.extend(extras.get("_skipped_keys", ()))
         del skipped_sample[:-8]
-        for key in [k for k in host_batch if k.startswith("_")]:
-          del host_batch[key]
-        batch = sharding.global_batch_from_host(host_batch, mesh, setup.batch_shardings)
         state, step_metrics = compiled(state, batch, rng)
+        batches.fill()
         if pending is not None:
           check_finite(pending)
         pending = (step, step_metrics["train/finite"], step_metrics["train/loss"])
@@ -777,7 +832,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
           metrics_lib.log_progress(step, total, scalars)
           last.update(scalars)
         if save_now:
-          checkpointer.save(step, state, iterator.get_state())
+          checkpointer.save(step, state, batches.get_state())
         if stop_now:
           preempted_at = step
           break

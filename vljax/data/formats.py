@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from vljax import configlib
 from vljax.configlib import ConfigError
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif')
@@ -259,9 +260,7 @@ def _index_tar(path: str) -> tuple[dict[str, dict[str, tuple[int, int]]], str | 
 
 
 def _default_index_cache() -> str:
-  root = os.environ.get('VLJAX_CACHE') or os.path.join(os.path.expanduser('~'), '.cache',
-                                                       'vljax')
-  return os.path.join(root, 'webdataset_index')
+  return os.path.join(configlib.cache_root(), 'webdataset_index')
 
 
 def _cached_tar_index(path: str, cache_dir: str | None) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from vljax import configlib
 from vljax.configlib import ConfigError
 from vljax.data import formats
 from vljax.data import mixture
@@ -266,11 +267,6 @@ def _train_sentencepiece(sentences: Iterable[str], **settings: Any) -> bytes:
 # ----------------------------------------------------------------- synthetic
 
 
-def _default_cache_dir() -> str:
-  return os.environ.get('VLJAX_CACHE') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'vljax')
-
-
 def _synthetic_corpus(vqa: bool = False) -> list[str]:
   """Sentences the synthetic tokenizer is trained on (vqa: and the VQA task's texts)."""
   corpus = synthetic.all_captions(_SYNTHETIC_NUM_CAPTIONS, seed=0)
@@ -308,7 +304,7 @@ def train_synthetic_tokenizer(cache_dir: str | None = None,
   Returns:
     The path of the `.model` file.
   """
-  cache_dir = cache_dir or _default_cache_dir()
+  cache_dir = cache_dir or configlib.cache_root()
   if vocab_size is None:
     vocab_size = _DEFAULT_SYNTHETIC_VQA_VOCAB if vqa else _DEFAULT_SYNTHETIC_VOCAB
   corpus = _synthetic_corpus(vqa)
