@@ -160,3 +160,44 @@ def test_tiny_run_trains_evaluates_resumes_and_answers(tmp_path):
   caption = predictor.predict([str(image)])[0]["caption"]
   answer = predictor.predict([str(image)], prompt="answer en what colour is the shape?")[0]
   assert isinstance(caption, str) and isinstance(answer["caption"], str)
+
+
+def test_vqa_evaluator_scores_decoded_answers_with_the_official_metric(tokenizer):
+  from vljax import evals  # pylint: disable=g-import-not-at-top
+  from vljax.evals import vqa  # pylint: disable=g-import-not-at-top
+  answers = [["red"] * 10, ["2"] * 6 + ["3"] * 4, ["left"] * 2 + ["top left"] * 8]
+  replies = ["red", "3", "left"]
+
+  class Answerer:
+    """Answers by image: image i holds the value i in every pixel; checks its prompts."""
+
+    def vqa_prefix(self, question):
+      return f"answer en {question}"
+
+    def encode_prefixes(self, prefixes):
+      return tokenizer.encode(prefixes, 12)
+
+    def generate(self, params, images, max_len, prefix=None):
+      del params
+      assert prefix is not None and prefix.shape[1] == 12
+      table = jnp.asarray(tokenizer.encode(replies, max_len))
+      return table[images[:, 0, 0, 0].astype(jnp.int32)]
+
+  images = np.stack([np.full((4, 4, 3), i, np.float32) for i in range(3)])
+  sets = {"vqa": {"image": images, "question": ["what colour?", "how many?", "where?"],
+                  "answers": answers, "answer_type": ["colour", "count", "position"]}}
+  config = tiny_config()
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
+  evaluator = evals.build_evaluator(config, Answerer(), sets, tokenizer, mesh,
+                                    sharding.DEFAULT_RULES)
+  metrics = evaluator(None)
+  expected = vqa.vqa_accuracy(replies, answers, ["colour", "count", "position"])
+  for key, value in expected.items():
+    assert metrics[f"eval/{key}"] == pytest.approx(value), key
+  # By hand: red 1.0; "3" given by 4 of 10 -> 1.0; "left" by 2 of 10 -> 0.6.
+  assert metrics["eval/vqa_accuracy"] == pytest.approx((1.0 + 1.0 + 0.6) / 3)
+  # The best constant among the common answers: "top left" (8 humans) scores 1 on one question.
+  best = max(vqa.vqa_accuracy([a] * 3, answers)["vqa_accuracy"]
+             for a in ("red", "2", "3", "left", "top left"))
+  assert metrics["eval/vqa_accuracy_best_constant"] == pytest.approx(best)
+  assert evaluator.parts[0].last_answers == replies
