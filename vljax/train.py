@@ -203,9 +203,10 @@ def build(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh,
   zeros = lambda: {k: jnp.zeros(v.shape, v.dtype) for k, v in dummy.items()}
 
   def init_boxed(rng):
-    params_rng, extra_rng = jax.random.split(rng)
-    params = objective.init(params_rng, zeros())
-    return params, objective.init_extra(extra_rng, params, zeros())
+    # The params take the seed's key itself (the initialisation every run had before objectives
+    # could keep extra state); the extra state a key derived from it.
+    params = objective.init(rng, zeros())
+    return params, objective.init_extra(jax.random.fold_in(rng, 1), params, zeros())
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed, boxed_extra = jax.eval_shape(init_boxed, jax.random.key(0))
@@ -228,7 +229,7 @@ def build(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh,
   def init_extra_fn(params):
     # The same key init_boxed gives the extra state, so a fresh run's extra state equals what
     # init_fn made; only what depends on the (loaded) params differs.
-    extra_rng = jax.random.split(jax.random.key(config.seed))[1]
+    extra_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     return nn.meta.unbox(objective.init_extra(extra_rng, params, zeros()))
 
   abstract_state = jax.tree.map(
