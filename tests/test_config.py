@@ -68,7 +68,7 @@ def test_impossible_settings_name_the_key_and_fix():
   with pytest.raises(ValueError, match=r"config.mesh=.* needs 16 devices but 8"):
     train.validate(config, 8, 1)
   with pytest.raises(ValueError, match="unknown axes"):
-    sharding.mesh_shape({"tensor": 2}, 8)
+    sharding.mesh_shape({"model": 2}, 8)
   config.total_steps = None
   with pytest.raises(configlib.ConfigError, match="exactly one of config.total_steps"):
     configlib.steps_for(config, "total", 96, None)
@@ -82,7 +82,7 @@ def test_cli_reports_config_errors_before_compiling(tmp_path):
   cases = [
       (["--config.optim.bogus=1"], "Unknown config key 'config.optim.bogus'"),
       (["--config.batch_size=7"], "config.batch_size=7 does not divide"),
-      (["--config.mesh.data=16"], "config.mesh={'data': 16, 'fsdp': 1} needs 16 devices"),
+      (["--config.mesh.data=16"], "config.mesh={'data': 16, 'fsdp': 1, 'tensor': 1} needs 16 devices"),
       # Real captions with the synthetic tokenizer would fall apart into characters.
       ([f"--config.data.train=jsonl:{tmp_path}/train.jsonl"],
        "config.tokenizer.path is empty"),

@@ -439,7 +439,7 @@ def test_check_source_accepts_vqa_records(tmp_path):
     sources.check_source(f'jsonl:{unanswered}', 'config.data.train', 'train', SIZE, 0)
   # check_config_sources checks eval_vqa as a VQA set, and a VQA mixture for training.
   checked = sources.check_config_sources(data_config(
-      train=f'0.5*synthetic|0.5*synthetic?task=vqa', eval_vqa=spec))
+      train='0.5*synthetic|0.5*synthetic?task=vqa', eval_vqa=spec))
   assert {'config.data.train', 'config.data.eval_vqa'} <= set(checked)
   with pytest.raises(ConfigError, match=r"^config\.data\.eval_vqa=.*no usable question"):
     sources.check_config_sources(data_config(eval_vqa='synthetic'), train=False)

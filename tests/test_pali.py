@@ -2,7 +2,6 @@
 run with captioning and VQA evaluation, resumption, standalone evaluation and prompts."""
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +10,6 @@ import pytest
 from vljax import configlib, evaluate, metrics, predict, sharding, train
 from vljax.data import synthetic
 from vljax.data import tokenizer as tokenizer_lib
-from vljax.models import pali as pali_model
 from vljax.objectives import make_objective
 from vljax.objectives import pali as pali_obj
 

@@ -16,7 +16,7 @@ import pytest
 from vljax import configlib, evaluate, metrics, sharding, train
 from vljax.checkpoint import CheckpointError, load_exported_params
 from vljax.data import tokenizer as tokenizer_lib
-from vljax.objectives import make_objective
+from train_helpers import random_batches, tiny_config, train_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every config that trains from scratch; lit.py starts from a trained run (its own test below).
@@ -24,54 +24,19 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 
                  if not p.endswith("lit.py"))
 
 
-def tiny_config(name: str, *overrides: str):
-  config = configlib.load_config_file(os.path.join(ROOT, "configs", f"{name}.py:scale=tiny"))
-  return configlib.apply_overrides(config, list(overrides))
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
   return tokenizer_lib.get_tokenizer(None)
 
 
-def _random_batches(config, tokenizer, n, seed=0):
-  """Random batches of the fields config's objective declares (pixels uint8, ids in [3, 40))."""
-  rng = np.random.default_rng(seed)
-  fields = make_objective(config, tokenizer).batch_fields()
-  brightness = {f.pixels_with for f in fields.values() if f.pixels_with}
-
-  def draw(name, field):
-    shape = (config.batch_size,) + tuple(field.shape)
-    if field.dtype == np.uint8:
-      return rng.integers(0, 256, shape, np.uint8)
-    if name in brightness:
-      return np.zeros(shape, np.float32)
-    return rng.integers(3, 40, shape).astype(field.dtype)
-
-  return [{name: draw(name, f) for name, f in fields.items()} for _ in range(n)]
-
-
-def _train_steps(config, tokenizer, mesh, batches):
-  setup = train.build(config, tokenizer, mesh, epoch_size=None)
-  state = train.init_state(setup, config.seed)
-  step = train.make_train_step(setup, config.nan_policy)
-  rng = jax.random.key(1)
-  losses = []
-  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    for batch in batches:
-      state, m = step(state, sharding.global_batch_from_host(batch, mesh), rng)
-      losses.append(float(m["train/loss"]))
-  return losses, state, setup
-
-
 @pytest.mark.parametrize("name", CONFIGS)
 def test_sharded_step_equals_single_device(name, tokenizer):
   config = tiny_config(name)
-  batches = _random_batches(config, tokenizer, 3)
+  batches = random_batches(config, tokenizer, 3)
   one = sharding.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
   eight = sharding.make_mesh({"data": 2, "fsdp": 4})
-  losses_1, state_1, _ = _train_steps(config, tokenizer, one, batches)
-  losses_8, state_8, setup_8 = _train_steps(config, tokenizer, eight, batches)
+  losses_1, state_1, _ = train_steps(config, tokenizer, one, batches)
+  losses_8, state_8, setup_8 = train_steps(config, tokenizer, eight, batches)
   np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
   assert losses_1[0] != losses_1[-1]  # the parameters really moved
   # The attention key bias has an identically zero gradient (softmax is invariant to a shift
@@ -438,11 +403,11 @@ def test_gradient_accumulation_equals_the_whole_batch(name, tokenizer):
   # Several steps with 4 micro-batches of 4 give the parameters of the whole batch of 16 (to
   # fp32 rounding): the contrastive losses still see every negative of the batch.
   config = tiny_config(name)
-  batches = _random_batches(config, tokenizer, 3, seed=5)
+  batches = random_batches(config, tokenizer, 3, seed=5)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2}, devices=jax.devices()[:4])
-  losses_1, state_1, _ = _train_steps(config, tokenizer, mesh, batches)
+  losses_1, state_1, _ = train_steps(config, tokenizer, mesh, batches)
   accumulated = configlib.apply_overrides(tiny_config(name), ["grad_accum_steps=4"])
-  losses_4, state_4, _ = _train_steps(accumulated, tokenizer, mesh, batches)
+  losses_4, state_4, _ = train_steps(accumulated, tokenizer, mesh, batches)
   np.testing.assert_allclose(losses_4, losses_1, rtol=2e-5)
   flat_1 = dict(jax.tree_util.tree_flatten_with_path(state_1.params)[0])
   for path, a in jax.tree_util.tree_flatten_with_path(state_4.params)[0]:

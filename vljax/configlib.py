@@ -211,6 +211,15 @@ def base_train_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.objective = ""
   c.model = ml_collections.ConfigDict()
+  # How every transformer stack runs its layers (docs/scale.md, "Scan and remat"):
+  #   scan   false: a Python loop, parameters {prefix}_0, {prefix}_1, ...; true: one nn.scan
+  #          over the layers (compiles once whatever the depth), parameters stacked on a
+  #          leading 'layers' axis under {prefix}. Checkpoints of either layout load into
+  #          either (config.init converts).
+  #   remat  what a layer keeps for the backward pass: "none" (everything), "full" or
+  #          "block_inputs" (only its input; the layer is recomputed), "dots" (its matmul
+  #          outputs; the rest is recomputed).
+  c.layers = ml_collections.ConfigDict(dict(scan=False, remat="none"))
   c.loss = ml_collections.ConfigDict()
   c.dtype = "float32"
 
@@ -259,6 +268,10 @@ def base_train_config() -> ml_collections.ConfigDict:
       schedule="cosine", end_lr_frac=0.0, rsqrt_timescale=10_000,
       warmup_steps=None, warmup_examples=None, warmup_epochs=None,
       freeze=[], lr_mults=[],
+      # The dtype the first moment (Adam's mu, Adafactor's momentum) is stored in: "" = the
+      # parameter dtype (float32), "bfloat16" = half its memory (docs/scale.md, "Mixed
+      # precision"); the second moment stays float32 either way.
+      mu_dtype="",
       # Used when name="adafactor" (docs/optim.md), which ignores b1/b2/eps. beta2 at step t
       # is 1 - (t+1)^-decay_rate; second moments of parameters whose two largest dims are both
       # >= min_dim_size_to_factor are kept as row/column statistics; each update is scaled to
@@ -267,7 +280,9 @@ def base_train_config() -> ml_collections.ConfigDict:
       adafactor=dict(decay_rate=0.8, min_dim_size_to_factor=128, clip_threshold=1.0,
                      momentum=None, epsilon=1e-30)))
 
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # The batch splits over data x fsdp; fsdp also splits the weights' width, tensor their heads,
+  # MLP and vocabulary dimensions (docs/scale.md). -1 = all remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding = ml_collections.ConfigDict(dict(rules=None))  # None: vljax.sharding.DEFAULT_RULES
 
   c.log_every_steps = 50

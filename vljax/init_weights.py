@@ -13,7 +13,13 @@ image encoder without its projection head (fine-tuning at a new embedding size).
 
 Every loaded value must fit its target's shape, except a ViT's learned position embedding over a
 different token grid (new image size or patch size), which is resampled bilinearly. Values are
-cast to the target's dtype and placed with the target's sharding. Mistakes (nothing to load, a
+cast to the target's dtype and placed with the target's sharding.
+
+Layer stacks are stored unrolled (`encoderblock_0`, `layers_0`, ...) by a run with
+config.layers.scan=False and stacked (`encoderblock`, `layers`, ... with a leading depth axis)
+by a scanned run (vljax.models.stacks). When the source's layout differs from the model's, the
+source is converted to the model's layout first, so the mapping rules and error messages see
+the model's names (a scanned run can start from an unrolled SigLIP run and vice versa). Mistakes (nothing to load, a
 target that does not exist, a shape that does not fit) raise ConfigError naming the parameter.
 """
 from __future__ import annotations
@@ -33,6 +39,7 @@ from etils import epath
 
 from vljax import optim
 from vljax.configlib import ConfigError
+from vljax.models import stacks
 
 LOOKED_FOR = ("checkpoints/<step>/state (a vljax workdir), export/params (a workdir with an "
               "export), params (an export directory)")
@@ -179,6 +186,25 @@ def _place(value: np.ndarray, leaf: Any) -> Any:
   return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
+def _param_paths(tree: Any) -> list[str]:
+  return [optim.param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def match_layer_layout(source: Any, params: Any,
+                       log: Callable[[str], Any] = logging.info) -> Any:
+  """`source` (a params tree) in the layer-stack layout of `params`, scanned or unrolled.
+
+  A tree without layer stacks, or already in the target's layout, comes back as it is.
+  """
+  have = stacks.layout_of_paths(_param_paths(source))
+  want = stacks.layout_of_paths(_param_paths(params))
+  if have is None or want is None or have == want:
+    return source
+  log(f"config.init.path stores its layer stacks {have}; converting them to this model's "
+      f"{want} layout (config.layers.scan).")
+  return stacks.to_layout(source, want)
+
+
 def load_initial_params(init_cfg: ml_collections.ConfigDict, params: Any, *,
                         log: Callable[[str], Any] = logging.info) -> tuple[Any, list[str]]:
   """Replaces leaves of `params` by those config.init names. Returns (params, loaded names).
@@ -189,6 +215,7 @@ def load_initial_params(init_cfg: ml_collections.ConfigDict, params: Any, *,
   """
   rules = _mapping_rules(init_cfg.get("mapping", []))
   source = _read_source(init_cfg.get("path", ""), log)
+  source = match_layer_layout(source, params, log)
   source_leaves = {optim.param_path(p): np.asarray(x)
                    for p, x in jax.tree_util.tree_flatten_with_path(source)[0]}
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)

@@ -536,7 +536,9 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str,
       "devices": mesh.size, "platform": jax.devices()[0].platform,
       "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
       "global_batch": config.batch_size,
-      "per_device_batch": config.batch_size // mesh.size,
+      # The batch splits over the batch axes only (not tensor).
+      "per_device_batch": config.batch_size // int(np.prod(
+          [mesh.shape[a] for a in sharding.BATCH_AXES])),
       "image_size": config.data.image_size, "max_len": config.data.max_len,
       "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.model_path,
       "dtype": config.dtype,

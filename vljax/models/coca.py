@@ -23,6 +23,10 @@ Decoding: init_cache runs everything that does not depend on the generated token
 image side, and each multimodal layer's cross-attention keys/values of the decoder context);
 decode_step(tokens, position, cache) then projects only the new tokens. Every cache leaf has the
 batch as leading dimension (see vljax.decode).
+
+Scan (scan=True): each half is one nn.scan over its layers ('txt/unimodal', 'txt/multimodal',
+parameters with a leading depth axis) and each half's cache is one stacked dict whose leaves
+are [B, depth, ...]: the depth sits on axis 1 so that the batch stays leading.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from vljax.models import layers
+from vljax.models import stacks
 from vljax.models import two_towers
 from vljax.models import vit
 
@@ -62,6 +67,8 @@ class CocaTextDecoder(nn.Module):
     max_len: the longest caption (tokens incl. EOS); positions 0 .. max_len are embedded.
     embed_dim: width of the contrastive embedding.
     pad_id, eos_id: tokenizer ids.
+    remat: remat policy of each layer (vljax.models.stacks.REMAT_NAMES; True = 'full').
+    scan: run each half as one nn.scan over its layers.
   """
   vocab_size: int
   width: int
@@ -74,6 +81,8 @@ class CocaTextDecoder(nn.Module):
   pad_id: int = 0
   eos_id: int = 1
   dropout: float = 0.0
+  remat: bool | str = False
+  scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -93,11 +102,24 @@ class CocaTextDecoder(nn.Module):
     self.cls = self.param(
         "cls", layers.partitioned(nn.initializers.normal(stddev=0.02), (None, None, "embed")),
         (1, 1, self.width), self.param_dtype)
-    block = lambda cross: layers.DecoderBlock(  # pylint: disable=g-long-lambda
-        self.mlp_dim, self.num_heads, cross_attention=cross, dropout=self.dropout,
-        dtype=self.dtype, param_dtype=self.param_dtype)
-    self.unimodal = [block(False) for _ in range(self.unimodal_depth)]
-    self.multimodal = [block(True) for _ in range(self.multimodal_depth)]
+    sizes = dict(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan:
+      def half(cross, depth):
+        # Arguments (self, x, mask, context, cache, position, train, cache_length): the last two
+        # select Python control flow (static); per-layer caches are stacked on axis 1.
+        cls = stacks.block_class(_DecoderScanStep, self.remat, True, (6, 7))
+        b = nn.broadcast
+        cls = stacks.scanned(cls, depth, in_axes=(b, b, 1, b, b, b), out_axes=1)
+        return cls(self.mlp_dim, self.num_heads, cross_attention=cross, **sizes)
+      self.unimodal = half(False, self.unimodal_depth)
+      self.multimodal = half(True, self.multimodal_depth)
+    else:
+      # Arguments (self, x, mask, context, cache, position, train): `train` is static.
+      block_cls = stacks.block_class(layers.DecoderBlock, self.remat, False, (6,))
+      block = lambda cross: block_cls(self.mlp_dim, self.num_heads, cross_attention=cross,
+                                      **sizes)
+      self.unimodal = [block(False) for _ in range(self.unimodal_depth)]
+      self.multimodal = [block(True) for _ in range(self.multimodal_depth)]
     self.embed_dropout = nn.Dropout(rate=self.dropout)
     self.cls_norm = layers.layer_norm(self.dtype, self.param_dtype)
     self.head = nn.Dense(
@@ -137,8 +159,11 @@ class CocaTextDecoder(nn.Module):
     causal = jnp.tril(jnp.ones((n, n), bool))
     mask = (keys[:, None, None, :] | jnp.eye(n, dtype=bool)[None, None]) & causal[None, None]
     x = self.embed_dropout(x, deterministic=not train)
-    for blk in self.unimodal:
-      x, _ = blk(x, mask, train=train)
+    if self.scan:
+      x, _ = self.unimodal(x, mask, None, None, None, train, None)
+    else:
+      for blk in self.unimodal:
+        x, _ = blk(x, mask, None, None, None, train)
     ztxt = self.head(self.cls_norm(x[:, -1]))
     return x[:, :-1], ztxt, mask[:, :, :-1, :-1]
 
@@ -155,8 +180,11 @@ class CocaTextDecoder(nn.Module):
       return ztxt, None
     # The input after the last token only predicts beyond the caption: drop it.
     x, mask = x[:, :-1], mask[:, :, :-1, :-1]
-    for blk in self.multimodal:
-      x, _ = blk(x, mask, context, train=train)
+    if self.scan:
+      x, _ = self.multimodal(x, mask, context, None, None, train, None)
+    else:
+      for blk in self.multimodal:
+        x, _ = blk(x, mask, context, None, None, train)
     return ztxt, self._logits(x)
 
   def _logits(self, x: Array) -> Array:
@@ -172,6 +200,12 @@ class CocaTextDecoder(nn.Module):
     kept, decode_step needs only these.
     """
     batch = context.shape[0]
+    if self.scan:
+      # The carry is a placeholder: in cache mode a layer only builds its cache.
+      carry = jnp.zeros((batch, 1, self.width), self.dtype)
+      return {"unimodal": self.unimodal(carry, None, None, None, None, False, length)[1],
+              "multimodal": self.multimodal(carry, None, context, None, None, False,
+                                            length)[1]}
     return {"unimodal": [blk.init_cache(batch, length, self.width) for blk in self.unimodal],
             "multimodal": [blk.init_cache(batch, length, self.width, context)
                            for blk in self.multimodal]}
@@ -187,12 +221,33 @@ class CocaTextDecoder(nn.Module):
       (logits [B, T, vocab] float32, updated cache).
     """
     x = self._embed(tokens, position)
+    if self.scan:
+      x, unimodal = self.unimodal(x, None, None, cache["unimodal"], position, False, None)
+      x, multimodal = self.multimodal(x, None, None, cache["multimodal"], position, False,
+                                      None)
+      return self._logits(x), {"unimodal": unimodal, "multimodal": multimodal}
     new = {"unimodal": [], "multimodal": []}
     for half, blocks in (("unimodal", self.unimodal), ("multimodal", self.multimodal)):
       for blk, c in zip(blocks, cache[half]):
-        x, c = blk(x, None, cache=c, position=position)
+        x, c = blk(x, None, None, c, position, False)
         new[half].append(c)
     return self._logits(x), new
+
+
+class _DecoderScanStep(layers.DecoderBlock):
+  """A DecoderBlock as the body of nn.scan: (x, ...) -> (x, this layer's cache).
+
+  With cache_length it builds this layer's decoding cache instead (init_cache; x passes
+  through), so that a scanned half creates every layer's cross-attention keys/values with that
+  layer's parameters. Same children and parameters as DecoderBlock.
+  """
+
+  def __call__(self, x: Array, mask: Array | None, context: Array | None,
+               cache: dict[str, Array] | None, position: Array | None, train: bool,
+               cache_length: int | None) -> tuple[Array, dict[str, Array] | None]:
+    if cache_length is not None:
+      return x, self.init_cache(x.shape[0], cache_length, x.shape[-1], context)
+    return super().__call__(x, mask, context, cache, position, train)
 
 
 class CocaImageEncoder(nn.Module):

@@ -42,6 +42,11 @@ Decoding: `init_cache` runs everything that does not depend on the generated tok
 encoder output's cross-attention keys/values per decoder layer; the prefix-LM's input K/V), and
 `decode_step(tokens, position, cache)` feeds decoder inputs, BOS at position 0. Every cache leaf
 has the batch as leading dimension (see vljax.decode).
+
+Scan (scan=True, every stack): `layers_i` become one nn.scan named `layers` whose parameters
+have a leading depth axis; the relative position bias is still computed once per stack and
+broadcast to every layer, and the per-layer decoding caches become one stacked dict whose
+leaves are [B, depth, ...] (the depth on axis 1, so that the batch stays leading).
 """
 from __future__ import annotations
 
@@ -55,6 +60,7 @@ import jax.numpy as jnp
 from vljax.configlib import ConfigError
 from vljax.models import coca
 from vljax.models import layers
+from vljax.models import stacks
 
 Array = jax.Array
 Dtype = Any
@@ -80,7 +86,8 @@ SIZES: dict[str, dict[str, int]] = {
 
 ARCHITECTURES = ("encdec", "prefix_lm")
 _SIZE_KEYS = ("width", "num_heads", "head_dim", "mlp_dim")
-_OPTIONAL_KEYS = ("num_buckets", "max_distance", "dropout", "pad_id", "eos_id")
+_OPTIONAL_KEYS = ("num_buckets", "max_distance", "dropout", "pad_id", "eos_id", "scan",
+                  "remat")
 _DEPTH_KEYS = {"encdec": ("encoder_depth", "decoder_depth"), "prefix_lm": ("depth",)}
 
 # Masked attention logits: a large finite negative, so a fully masked row stays finite.
@@ -428,6 +435,8 @@ class Encoder(nn.Module):
   num_buckets: int = 32
   max_distance: int = 128
   dropout: float = 0.0
+  remat: bool | str = False
+  scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -445,24 +454,84 @@ class Encoder(nn.Module):
     # Nothing attends to padding; a padding query attends to itself so no row is empty.
     attn_mask = mask[:, None, None, :] | jnp.eye(length, dtype=bool)[None, None]
     x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
-    for i in range(self.depth):
-      x, _ = EncoderLayer(self.width, self.num_heads, self.head_dim, self.mlp_dim,
-                          dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name=f"layers_{i}")(x, bias, attn_mask, train=train)
+    layer_cls = _encoder_layer_class(self.remat, self.scan, self.depth)
+    sizes = dict(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan:
+      x, _ = layer_cls(self.width, self.num_heads, self.head_dim, self.mlp_dim, **sizes,
+                       name="layers")(x, bias, attn_mask, None, None, train)
+    else:
+      for i in range(self.depth):
+        x, _ = layer_cls(self.width, self.num_heads, self.head_dim, self.mlp_dim, **sizes,
+                         name=f"layers_{i}")(x, bias, attn_mask, None, None, train)
     x = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="encoder_norm")(x)
     return nn.Dropout(rate=self.dropout)(x, deterministic=not train)
 
 
+def _encoder_layer_class(remat: bool | str, scan: bool, depth: int) -> type:
+  """EncoderLayer with the remat policy, scanned over `depth` layers under scan.
+
+  Arguments (self, x, bias, mask, cache, cache_index, train): `train` is static; a cache is
+  stacked on axis 1 (batch-leading), everything else is the same for every layer.
+  """
+  layer_cls = stacks.block_class(EncoderLayer, remat, scan, (6,))
+  if not scan:
+    return layer_cls
+  b = nn.broadcast
+  return stacks.scanned(layer_cls, depth, in_axes=(b, b, 1, b, b), out_axes=1)
+
+
+class _DecoderLayerScanStep(DecoderLayer):
+  """A DecoderLayer as the body of nn.scan, with its cache as one dict (Decoder's layout).
+
+  Projects the encoder output's cross-attention keys/values itself (each layer with its own
+  parameters): in the forward pass (no cache) to attend with them, with build_cache to return
+  them as this layer's {'cross_key', 'cross_value'}. Decoding (a cache {'self_key',
+  'self_value', 'cross_key', 'cross_value'}) takes them from the cache. Same parameters as
+  DecoderLayer.
+  """
+
+  def __call__(self, x: Array, bias: Array | None, mask: Array | None, encoded: Array | None,
+               cross_mask: Array | None, cache: dict[str, Array] | None,
+               position: Array | int | None, train: bool,
+               build_cache: bool) -> tuple[Array, dict[str, Array] | None]:
+    if build_cache:
+      keys, values = self.cross_kv(encoded)
+      return x, {"cross_key": keys, "cross_value": values}
+    if cache is None:
+      keys, values = self.cross_kv(encoded)
+      return super().__call__(x, bias, mask, keys, values, cross_mask, None, None, train)
+    x, self_cache = super().__call__(
+        x, bias, mask, cache["cross_key"], cache["cross_value"], cross_mask,
+        {"key": cache["self_key"], "value": cache["self_value"]}, position, train)
+    return x, {**cache, "self_key": self_cache["key"], "self_value": self_cache["value"]}
+
+
+def _decoder_layer_class(remat: bool | str, scan: bool, depth: int) -> type:
+  """DecoderLayer (or, under scan, _DecoderLayerScanStep scanned over `depth` layers) with
+  the remat policy."""
+  if not scan:
+    # Arguments (self, x, self_bias, self_mask, cross_keys, cross_values, cross_mask, cache,
+    # position, train): `train` is static.
+    return stacks.block_class(DecoderLayer, remat, False, (9,))
+  # Arguments (self, x, bias, mask, encoded, cross_mask, cache, position, train,
+  # build_cache): the last two are static; the cache is stacked on axis 1.
+  layer_cls = stacks.block_class(_DecoderLayerScanStep, remat, True, (8, 9))
+  b = nn.broadcast
+  return stacks.scanned(layer_cls, depth, in_axes=(b, b, b, b, 1, b, b, b), out_axes=1)
+
+
 def _setup_generating_stack(module: nn.Module, layer_cls: type, bidirectional: bool) -> None:
   """Sets up, inside `module.setup`, what every stack that ends in logits has: relpos_bias,
-  layers_0.., decoder_norm, final_dropout, logits, embed_dropout (Decoder, PrefixLM)."""
+  layers_0.. (or the scanned `layers`), decoder_norm, final_dropout, logits, embed_dropout
+  (Decoder, PrefixLM). `layer_cls` is the (remat / scan) class from _encoder_layer_class or
+  _decoder_layer_class."""
   module.relpos_bias = RelativePositionBias(module.num_heads, bidirectional, module.num_buckets,
                                             module.max_distance,
                                             param_dtype=module.param_dtype)
-  module.layers = [
-      layer_cls(module.width, module.num_heads, module.head_dim, module.mlp_dim,
-                dropout=module.dropout, dtype=module.dtype, param_dtype=module.param_dtype)
-      for _ in range(module.depth)]
+  make = lambda: layer_cls(module.width, module.num_heads, module.head_dim,  # pylint: disable=g-long-lambda
+                           module.mlp_dim, dropout=module.dropout, dtype=module.dtype,
+                           param_dtype=module.param_dtype)
+  module.layers = make() if module.scan else [make() for _ in range(module.depth)]
   module.decoder_norm = RMSNorm(dtype=module.dtype, param_dtype=module.param_dtype)
   module.final_dropout = nn.Dropout(rate=module.dropout)
   module.logits = _logits_head(module.vocab_size, module.param_dtype)
@@ -483,12 +552,15 @@ class Decoder(nn.Module):
   num_buckets: int = 32
   max_distance: int = 128
   dropout: float = 0.0
+  remat: bool | str = False
+  scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
     # Causal buckets: a decoder position never looks ahead.
-    _setup_generating_stack(self, DecoderLayer, bidirectional=False)
+    _setup_generating_stack(self, _decoder_layer_class(self.remat, self.scan, self.depth),
+                            bidirectional=False)
 
   def _logits(self, x: Array, train: bool) -> Array:
     return _project_logits(self.decoder_norm, self.final_dropout, self.logits, x, train)
@@ -502,37 +574,56 @@ class Decoder(nn.Module):
     causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))[None, None]
     cross_mask = encoded_mask[:, None, None, :]
     x = self.embed_dropout(x, deterministic=not train)
+    if self.scan:
+      x, _ = self.layers(x, bias, causal, encoded, cross_mask, None, None, train, False)
+      return self._logits(x, train)
     for layer in self.layers:
       cross_keys, cross_values = layer.cross_kv(encoded)
-      x, _ = layer(x, bias, causal, cross_keys, cross_values, cross_mask, train=train)
+      x, _ = layer(x, bias, causal, cross_keys, cross_values, cross_mask, None, None, train)
     return self._logits(x, train)
 
   def init_cache(self, encoded: Array, encoded_mask: Array, max_len: int) -> dict[str, Any]:
     """Cross-attention K/V of `encoded` per layer (computed here, once) and empty self K/V."""
     batch = encoded.shape[0]
+    encoded_mask = encoded_mask.astype(bool)
+    if self.scan:
+      # The carry is a placeholder: with build_cache a layer only projects `encoded`.
+      carry = jnp.zeros((batch, 1, self.width), self.dtype)
+      _, cross = self.layers(carry, None, None, encoded, None, None, None, False, True)
+      empty = jnp.zeros((batch, self.depth, max_len, self.num_heads, self.head_dim),
+                        self.dtype)
+      return {"encoded_mask": encoded_mask,
+              "layers": {"self_key": empty, "self_value": empty, **cross}}
     empty = jnp.zeros((batch, max_len, self.num_heads, self.head_dim), self.dtype)
     per_layer = []
     for layer in self.layers:
       cross_keys, cross_values = layer.cross_kv(encoded)
       per_layer.append({"self_key": empty, "self_value": empty, "cross_key": cross_keys,
                         "cross_value": cross_values})
-    return {"encoded_mask": encoded_mask.astype(bool), "layers": per_layer}
+    return {"encoded_mask": encoded_mask, "layers": per_layer}
 
   def decode_step(self, x: Array, position: Array | int,
                   cache: dict[str, Any]) -> tuple[Array, dict[str, Any]]:
     """Logits [B, T, vocab] of embedded inputs x [B, T, D] at positions position.. (cached)."""
-    max_len = cache["layers"][0]["self_key"].shape[1]
+    if self.scan:  # stacked [B, depth, max_len, heads, head_dim]
+      max_len = cache["layers"]["self_key"].shape[2]
+    else:
+      max_len = cache["layers"][0]["self_key"].shape[1]
     query_positions = position + jnp.arange(x.shape[1])
     key_positions = jnp.arange(max_len)
     bias = self.relpos_bias(query_positions[None], key_positions[None])
     # Buffer slots after the query hold zeros (or stale entries): never attend there.
     causal = (key_positions[None, :] <= query_positions[:, None])[None, None]
     cross_mask = cache["encoded_mask"][:, None, None, :]
+    if self.scan:
+      x, new_layers = self.layers(x, bias, causal, None, cross_mask, cache["layers"], position,
+                                  False, False)
+      return self._logits(x, False), {"encoded_mask": cache["encoded_mask"],
+                                      "layers": new_layers}
     new_layers = []
     for layer, c in zip(self.layers, cache["layers"]):
       x, self_cache = layer(x, bias, causal, c["cross_key"], c["cross_value"], cross_mask,
-                            cache={"key": c["self_key"], "value": c["self_value"]},
-                            position=position)
+                            {"key": c["self_key"], "value": c["self_value"]}, position, False)
       new_layers.append({**c, "self_key": self_cache["key"], "self_value": self_cache["value"]})
     return self._logits(x, False), {"encoded_mask": cache["encoded_mask"], "layers": new_layers}
 
@@ -559,6 +650,8 @@ class _T5Text(nn.Module):
     num_buckets, max_distance: relative position buckets.
     dropout: T5 dropout rate (train only).
     pad_id, eos_id: tokenizer ids (real tokens: coca.caption_mask).
+    remat: remat policy of every layer (vljax.models.stacks.REMAT_NAMES; True = 'full').
+    scan: run every stack as one nn.scan over its layers.
   """
   vocab_size: int
   width: int
@@ -570,6 +663,8 @@ class _T5Text(nn.Module):
   dropout: float = 0.0
   pad_id: int = 0
   eos_id: int = 1
+  remat: bool | str = False
+  scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -596,8 +691,8 @@ class EncoderDecoder(_T5Text):
                                           self.param_dtype)
     sizes = dict(width=self.width, num_heads=self.num_heads, head_dim=self.head_dim,
                  mlp_dim=self.mlp_dim, num_buckets=self.num_buckets,
-                 max_distance=self.max_distance, dropout=self.dropout, dtype=self.dtype,
-                 param_dtype=self.param_dtype)
+                 max_distance=self.max_distance, dropout=self.dropout, remat=self.remat,
+                 scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype)
     self.encoder = Encoder(depth=self.encoder_depth, **sizes)
     self.decoder = Decoder(self.vocab_size, depth=self.decoder_depth, **sizes)
 
@@ -650,7 +745,8 @@ class PrefixLM(_T5Text):
     self.token_embedder = _token_embedder(self.vocab_size, self.width, self.dtype,
                                           self.param_dtype)
     # Bidirectional buckets: input tokens attend forwards as well as backwards.
-    _setup_generating_stack(self, EncoderLayer, bidirectional=True)
+    _setup_generating_stack(self, _encoder_layer_class(self.remat, self.scan, self.depth),
+                            bidirectional=True)
 
   def _logits(self, x: Array, train: bool) -> Array:
     return _project_logits(self.decoder_norm, self.final_dropout, self.logits, x, train)
@@ -680,8 +776,11 @@ class PrefixLM(_T5Text):
     key_real = jnp.concatenate([input_mask, jnp.ones((x.shape[0], num_targets), bool)], axis=1)
     mask = (key_real[:, None, None, :] & allowed[None, None]) | jnp.eye(total, dtype=bool)
     x = self.embed_dropout(x, deterministic=not train)
-    for layer in self.layers:
-      x, _ = layer(x, bias, mask, train=train)
+    if self.scan:
+      x, _ = self.layers(x, bias, mask, None, None, train)
+    else:
+      for layer in self.layers:
+        x, _ = layer(x, bias, mask, None, None, train)
     return self._logits(x[:, length:], train)
 
   def __call__(self, inputs: Array, targets: Array, train: bool = False) -> Array:
@@ -704,11 +803,20 @@ class PrefixLM(_T5Text):
     mask = input_mask[:, None, None, :] | jnp.eye(length, dtype=bool)[None, None]
     empty = jnp.zeros((batch, length + max_len, self.num_heads, self.head_dim), self.dtype)
     x = inputs.astype(self.dtype)
+    if self.scan:
+      # Stacked [B, depth, slots, heads, head_dim]: the inputs' K/V, then the decoder's room.
+      stacked = jnp.zeros((batch, self.depth, length, self.num_heads, self.head_dim),
+                          self.dtype)
+      _, head = self.layers(x, bias, mask, {"key": stacked, "value": stacked}, 0, False)
+      room = jnp.zeros((batch, self.depth, max_len, self.num_heads, self.head_dim), self.dtype)
+      return {"input_mask": input_mask,
+              "layers": {name: jnp.concatenate([head[name], room], axis=2)
+                         for name in ("key", "value")}}
     caches = []
     for layer in self.layers:
       # The inputs attend among themselves only, so the buffer's first L slots suffice.
       head = {"key": empty[:, :length], "value": empty[:, :length]}
-      x, head = layer(x, bias, mask, cache=head, cache_index=0)
+      x, head = layer(x, bias, mask, head, 0, False)
       caches.append({name: jnp.concatenate([head[name], empty[:, length:]], axis=1)
                      for name in ("key", "value")})
     return {"input_mask": input_mask, "layers": caches}
@@ -721,7 +829,10 @@ class PrefixLM(_T5Text):
     """
     input_mask = cache["input_mask"]
     length = input_mask.shape[1]
-    slots = cache["layers"][0]["key"].shape[1] - length
+    if self.scan:  # stacked [B, depth, length + max_len, heads, head_dim]
+      slots = cache["layers"]["key"].shape[2] - length
+    else:
+      slots = cache["layers"][0]["key"].shape[1] - length
     num_real = jnp.sum(input_mask, axis=1, dtype=jnp.int32)[:, None]
     step = position + jnp.arange(tokens.shape[1])  # decoder positions of these inputs
     key_positions = jnp.concatenate(
@@ -735,8 +846,11 @@ class PrefixLM(_T5Text):
          jnp.broadcast_to(target_ok[None, None], (input_mask.shape[0], 1) + target_ok.shape)],
         axis=-1)
     x = self.embed(tokens)
+    if self.scan:
+      x, caches = self.layers(x, bias, mask, cache["layers"], length + position, False)
+      return self._logits(x, False), {"input_mask": input_mask, "layers": caches}
     caches = []
     for layer, c in zip(self.layers, cache["layers"]):
-      x, c = layer(x, bias, mask, cache=c, cache_index=length + position)
+      x, c = layer(x, bias, mask, c, length + position, False)
       caches.append(c)
     return self._logits(x, False), {"input_mask": input_mask, "layers": caches}

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vljax.models import stacks
+
 Array = jax.Array
 Dtype = Any
 Initializer = Callable[..., Array]
@@ -268,26 +270,35 @@ class Encoder(nn.Module):
   """A stack of pre-LN blocks followed by a final LayerNorm ('encoder_norm').
 
   Attributes:
-    depth: number of blocks, named encoderblock_0 ... encoderblock_{depth-1}.
-    remat: recompute each block's activations in the backward pass (saves memory).
+    depth: number of blocks, named encoderblock_0 ... encoderblock_{depth-1}, or with scan one
+      scanned 'encoderblock' whose parameters have a leading depth axis.
+    remat: remat policy name of each block (vljax.models.stacks.REMAT_NAMES); True is 'full',
+      False 'none'.
+    scan: run the blocks as one nn.scan (compiles once whatever the depth).
   """
   depth: int
   mlp_dim: int
   num_heads: int
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = False
+  scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None, train: bool = False) -> Array:
-    block_cls = EncoderBlock
-    if self.remat:
-      # Argument 3 (`train`, counting self as 0) selects Python control flow, so it is static.
-      block_cls = nn.remat(EncoderBlock, prevent_cse=False, static_argnums=(3,))
-    for i in range(self.depth):
-      x = block_cls(self.mlp_dim, self.num_heads, dropout=self.dropout, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name=f"encoderblock_{i}")(x, mask, train)
+    sizes = dict(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan:
+      # Arguments (self, x, mask, train): `train` selects Python control flow, so it is static.
+      block_cls = stacks.block_class(stacks.scan_step(EncoderBlock), self.remat, True, (3,))
+      block_cls = stacks.scanned(block_cls, self.depth, in_axes=(nn.broadcast, nn.broadcast))
+      x, _ = block_cls(self.mlp_dim, self.num_heads, **sizes, name="encoderblock")(
+          x, mask, train)
+    else:
+      block_cls = stacks.block_class(EncoderBlock, self.remat, False, (3,))
+      for i in range(self.depth):
+        x = block_cls(self.mlp_dim, self.num_heads, **sizes, name=f"encoderblock_{i}")(
+            x, mask, train)
     return layer_norm(self.dtype, self.param_dtype, name="encoder_norm")(x)
 
 

@@ -31,7 +31,8 @@ class TextTransformer(nn.Module):
     pad_id: padding token id.
     eos_id: end-of-sequence token id (for pool_type 'eos').
     dropout: dropout rate inside the blocks (train only).
-    remat: rematerialise each block in the backward pass.
+    remat: remat policy of each block (vljax.models.stacks.REMAT_NAMES; True = 'full').
+    scan: run the blocks as one nn.scan (parameters stacked on a leading 'layers' axis).
   """
   vocab_size: int
   width: int
@@ -44,7 +45,8 @@ class TextTransformer(nn.Module):
   pad_id: int = 0
   eos_id: int = 1
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = False
+  scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -85,7 +87,8 @@ class TextTransformer(nn.Module):
 
     x = layers.Encoder(
         self.depth, self.mlp_dim, self.num_heads, dropout=self.dropout, remat=self.remat,
-        dtype=self.dtype, param_dtype=self.param_dtype, name="Encoder_0")(x, mask, train)
+        scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype,
+        name="Encoder_0")(x, mask, train)
 
     positions = jnp.arange(length)
     last = jnp.max(jnp.where(valid, positions[None], 0), axis=1)  # 0 for an all-pad row

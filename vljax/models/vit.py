@@ -59,7 +59,8 @@ class VisionTransformer(nn.Module):
     posemb: 'learn' (learned, normal(1/sqrt(width))) or 'sincos2d' (fixed).
     pool_type: 'map' (attention pooling), 'tok' (class token), 'gap' (mean), 'none'.
     dropout: dropout rate inside the blocks (train only).
-    remat: rematerialise each block in the backward pass.
+    remat: remat policy of each block (vljax.models.stacks.REMAT_NAMES; True = 'full').
+    scan: run the blocks as one nn.scan (parameters stacked on a leading 'layers' axis).
   """
   width: int
   depth: int
@@ -69,7 +70,8 @@ class VisionTransformer(nn.Module):
   posemb: str = "learn"
   pool_type: str = "map"
   dropout: float = 0.0
-  remat: bool = False
+  remat: bool | str = False
+  scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -120,7 +122,8 @@ class VisionTransformer(nn.Module):
 
     x = layers.Encoder(
         self.depth, self.mlp_dim, self.num_heads, dropout=self.dropout, remat=self.remat,
-        dtype=self.dtype, param_dtype=self.param_dtype, name="Transformer")(x, None, train)
+        scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype,
+        name="Transformer")(x, None, train)
 
     if self.pool_type == "tok":
       pooled, tokens = x[:, 0], x[:, 1:]

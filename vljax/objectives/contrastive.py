@@ -9,6 +9,7 @@ import ml_collections
 
 from vljax import losses
 from vljax.configlib import ConfigError
+from vljax.models import stacks
 
 LOSSES = ("softmax", "sigmoid")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -17,15 +18,19 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def model_kwargs(config: ml_collections.ConfigDict, tokenizer) -> dict[str, Any]:
   """config.model as keyword arguments, with the tokenizer's vocabulary and the data's length.
 
-  Also checks config.loss.kind and that a logit bias is only configured for the sigmoid loss.
+  config.layers (scan, remat) goes to both towers (or CoCa's image encoder and decoder). Also
+  checks config.loss.kind, config.layers and that a logit bias is only configured for the
+  sigmoid loss.
   """
   kind = config.loss.kind
   if kind not in LOSSES:
     raise ConfigError(f"config.loss.kind={kind!r}; choose one of {LOSSES}.")
+  layer_options = stacks.check_layers_config(config.get("layers"))
   kwargs = config.model.to_dict()
+  kwargs["image"] = dict(kwargs["image"], **layer_options)
   kwargs["text"] = dict(kwargs["text"], vocab_size=tokenizer.vocab_size,
                         pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id,
-                        max_len=config.data.max_len)
+                        max_len=config.data.max_len, **layer_options)
   if kind == "softmax" and kwargs.get("bias_init") is not None:
     raise ConfigError("config.model.bias_init is only used by the sigmoid loss; set it to "
                       "None for config.loss.kind='softmax'.")

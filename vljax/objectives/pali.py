@@ -23,6 +23,7 @@ from vljax.configlib import ConfigError
 from vljax.losses.captioning import per_example_token_terms, reduce_token_terms
 from vljax.models import coca
 from vljax.models import pali
+from vljax.models import stacks
 from vljax.objectives import base
 from vljax.objectives import contrastive
 
@@ -48,9 +49,12 @@ class PaliObjective(base.Objective):
     self.image_size, self.max_len = config.data.image_size, config.data.max_len
     self.prefix_len = int(tasks.prefix_len)
     self.label_smoothing = float(config.loss.get("label_smoothing", 0.0))
+    # config.layers (scan, remat) applies to the ViT and to every text stack alike.
+    layer_options = stacks.check_layers_config(config.get("layers"))
     text = dict(config.model.text, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
-                eos_id=tokenizer.eos_id)
-    self.model = pali.PaLI(image=config.model.image, text=text,
+                eos_id=tokenizer.eos_id, **layer_options)
+    image = dict(config.model.image, **layer_options)
+    self.model = pali.PaLI(image=image, text=text,
                            architecture=config.model.architecture,
                            dtype=contrastive.DTYPES[config.dtype])
     self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
