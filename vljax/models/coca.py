@@ -127,8 +127,10 @@ class CocaTextDecoder(nn.Module):
         kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed", None)),
         bias_init=layers.partitioned(nn.initializers.zeros, (None,)))
     self.decoder_norm = layers.layer_norm(self.dtype, self.param_dtype)
+    # float32 whatever the compute dtype: the caption logits feed a float32 log-softmax, and
+    # bf16 logits over a large vocabulary would be rounded before it.
     self.logits_head = nn.Dense(
-        self.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
+        self.vocab_size, dtype=jnp.float32, param_dtype=self.param_dtype,
         kernel_init=layers.partitioned(nn.initializers.xavier_uniform(), ("embed", "vocab")),
         bias_init=layers.partitioned(nn.initializers.zeros, ("vocab",)))
 

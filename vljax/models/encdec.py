@@ -90,9 +90,6 @@ _OPTIONAL_KEYS = ("num_buckets", "max_distance", "dropout", "pad_id", "eos_id", 
                   "remat")
 _DEPTH_KEYS = {"encdec": ("encoder_depth", "decoder_depth"), "prefix_lm": ("depth",)}
 
-# Masked attention logits: a large finite negative, so a fully masked row stays finite.
-_MASKED = float(jnp.finfo(jnp.float32).min)
-
 
 def text_kwargs(config: Mapping[str, Any], architecture: str) -> dict[str, Any]:
   """Resolves text-model kwargs: expands an optional 'variant' (a SIZES name); explicit keys win.
@@ -279,15 +276,11 @@ class Attention(nn.Module):
       [B, Lq, width].
     """
     q = layers.constrain(self.query(x), layers.ACT_HEADS)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
-    if bias is not None:
-      logits = logits + bias
-    if mask is not None:
-      logits = jnp.where(mask, logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    probs = self.probs_dropout(probs, deterministic=not train)
-    y = jnp.einsum("bhqk,bkhd->bqhd", probs, values.astype(self.dtype))
+    probs_dropout = None
+    if self.dropout and train:
+      probs_dropout = lambda p: self.probs_dropout(p, deterministic=False)
+    # T5 does not scale the logits (its query initialisation does): scale 1.
+    y = layers.attend(q, keys, values, mask, self.dtype, probs_dropout, bias=bias, scale=1.0)
     return self.out(layers.constrain(y, layers.ACT_HEADS))
 
   def __call__(self, x: Array, inputs_kv: Array, bias: Array | None = None,

@@ -143,6 +143,43 @@ def _project_qkv(inputs_q: Array, inputs_kv: Array, num_heads: int, head_dim: in
           constrain(proj("value")(inputs_kv), ACT_HEADS))
 
 
+def attend(q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype,
+           probs_dropout: Callable[[Array], Array] | None = None, bias: Array | None = None,
+           scale: float | None = None) -> Array:
+  """softmax(scale * q k^T + bias) v for q [B, Lq, H, d], k/v [B, Lk, H, d]; mask and bias
+  broadcastable to [B, H, Lq, Lk] (mask True = may attend); scale defaults to 1/sqrt(d).
+  Returns [B, Lq, H, d] in `dtype`.
+
+  The logits and the softmax are float32 whatever `dtype` is (bf16 compute stays stable); a fully
+  masked row becomes a uniform distribution (finite) rather than NaN. Without attention dropout
+  this is jax.nn.dot_product_attention: a fused cuDNN kernel where one applies (GPU), XLA's
+  otherwise. `probs_dropout` (dropout on the attention probabilities, training only) needs the
+  probabilities, so it takes the explicit path.
+  """
+  q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+  scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
+  full = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+  if probs_dropout is None:
+    mask = None if mask is None else jnp.broadcast_to(mask, full)
+    bias = None if bias is None else jnp.broadcast_to(bias.astype(jnp.float32), full)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
+                                        scale=scale).astype(dtype)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = probs_dropout(jax.nn.softmax(logits, axis=-1).astype(dtype))
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def dropout_fn(rate: float, train: bool) -> Callable[[Array], Array] | None:
+  """Attention-probability dropout for `attend` inside a compact method (None: no dropout)."""
+  if not (rate and train):
+    return None
+  return lambda probs: nn.Dropout(rate=rate)(probs, deterministic=False)
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head dot-product attention with logically named q/k/v/out projections.
 
@@ -217,17 +254,8 @@ class MultiHeadAttention(nn.Module):
     if q is None:
       return k, v
 
-    q = q / jnp.sqrt(head_dim).astype(q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype))
-    # Softmax in float32 so that bf16 compute stays stable; a fully masked row becomes a uniform
-    # distribution (finite) rather than NaN, because masked logits are a large finite negative.
-    logits = logits.astype(jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    probs = nn.Dropout(rate=self.dropout)(probs, deterministic=not train)
-    x = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype))
-    x = constrain(x, ACT_HEADS)
+    x = constrain(attend(q, k, v, mask, self.dtype, dropout_fn(self.dropout, train)),
+                  ACT_HEADS)
 
     return DenseGeneral((out_features,), ("heads", "kv", "embed"), ("embed",), in_ndim=2,
                         dtype=self.dtype, param_dtype=self.param_dtype, name="out")(x)
@@ -363,13 +391,8 @@ class KVCacheAttention(nn.Module):
       # Cache slots past the current position hold zeros (or stale values): never attend there.
       mask = (jnp.arange(k.shape[1])[None, :] <= query_pos[:, None])[None, None]
 
-    q = q / jnp.sqrt(head_dim).astype(q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype)).astype(jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    probs = nn.Dropout(rate=self.dropout)(probs, deterministic=not train)
-    y = constrain(jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype)), ACT_HEADS)
+    y = constrain(attend(q, k, v, mask, self.dtype, dropout_fn(self.dropout, train)),
+                  ACT_HEADS)
     y = DenseGeneral((width,), ("heads", "kv", "embed"), ("embed",), in_ndim=2,
                      dtype=self.dtype, param_dtype=self.param_dtype, name="out")(y)
     return y, cache
