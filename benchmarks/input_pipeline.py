@@ -9,6 +9,11 @@ of the small default SigLIP (README.md: 0.20 s/step at batch 128, i.e. about
 640 examples/s on the quiet 2-core reference machine; that model trains on
 32 px images, hence the 32 px rows).
 
+A second table sets the measured 224 px rate per process against what one accelerator consumes
+at SigLIP B/16's paper recipe (224 px; analytic training FLOPs per example from vljax.flops,
+dense bf16 peak, at --mfu of that peak): examples/s per chip and per host (4 chips on a TPU v4
+host, 8 GPUs on an H100 host), and the decoding processes a host needs to keep up.
+
 Usage: python benchmarks/input_pipeline.py [--num_images 512] [--workers 0,1,2]
                                             [--image_sizes 224,32] [--batches 30]
 """
@@ -24,6 +29,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from vljax import configlib
+from vljax import flops
 from vljax.data import convert
 from vljax.data import pipeline
 from vljax.data import sources
@@ -31,6 +38,8 @@ from vljax.data import tokenizer as tokenizer_lib
 
 # README.md, "What the default run does, measured".
 TRAIN_STEP_EXAMPLES_PER_S = 640.0
+# (device kind as vljax.flops.PEAK_FLOPS knows it, accelerators per host)
+ACCELERATORS = (('TPU v4', 4), ('NVIDIA H100 80GB HBM3', 8))
 
 
 def write_shards(root: str, num_images: int, per_shard: int, width: int,
@@ -80,6 +89,8 @@ def main() -> None:
   parser.add_argument('--image_sizes', default='224,32')
   parser.add_argument('--batch_size', type=int, default=64)
   parser.add_argument('--batches', type=int, default=30)
+  parser.add_argument('--mfu', type=float, default=0.45,
+                      help='assumed model FLOPs utilisation of the accelerators')
   args = parser.parse_args()
   width, height = (int(x) for x in args.source_size.split('x'))
   tok = tokenizer_lib.get_tokenizer(None)
@@ -94,6 +105,7 @@ def main() -> None:
     print(f'| source | image px | worker processes | images/s | images/s per process '
           f'| vs train step ({TRAIN_STEP_EXAMPLES_PER_S:.0f} ex/s) |')
     print('|---|---|---|---|---|---|')
+    per_process_224 = []
     for name, spec in specs.items():
       source = sources.get_source(spec, 'train', 224, 0)
       for size in (int(s) for s in args.image_sizes.split(',')):
@@ -103,6 +115,28 @@ def main() -> None:
           label = f'{workers}' if workers else '0 (in-process, 2 threads)'
           print(f'| {name} | {size} | {label} | {rate:.0f} | {per:.0f} | '
                 f'{rate / TRAIN_STEP_EXAMPLES_PER_S:.2f}x |', flush=True)
+          if size == 224 and workers:
+            per_process_224.append(per)
+  if per_process_224:
+    print_accelerator_demand(max(per_process_224), args.mfu)
+
+
+def print_accelerator_demand(per_process: float, mfu: float) -> None:
+  """What SigLIP B/16 at 224 px consumes per chip and host, against `per_process` images/s."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = configlib.load_config_file(os.path.join(root, 'configs', 'siglip.py:scale=paper'))
+  config.dtype = 'bfloat16'
+  per_example = flops.train_flops_per_example(config, 32_000)
+  print(f'\nSigLIP B/16 at 224 px: {per_example / 1e9:.1f} GFLOP per training example; '
+        f'decoding at {per_process:.0f} images/s per process (best 224 px row above); '
+        f'accelerators at {mfu:.0%} MFU (bf16 peak)')
+  print('| accelerator | examples/s per chip | chips per host | examples/s per host '
+        '| decoding processes per host |')
+  print('|---|---|---|---|---|')
+  for kind, chips in ACCELERATORS:
+    rate = flops.peak_flops(kind, 'bfloat16') * mfu / per_example
+    host = rate * chips
+    print(f'| {kind} | {rate:.0f} | {chips} | {host:.0f} | {host / per_process:.1f} |')
 
 
 if __name__ == '__main__':
