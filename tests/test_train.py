@@ -102,8 +102,9 @@ def test_nan_loss_stops_or_skips(tokenizer, monkeypatch, tmp_path):
   assert all(np.isfinite(r["train/param_norm"]) for r in rows)
 
 
-# The contrastive families' end-to-end run (PaLI's is in test_pali.py).
-@pytest.mark.parametrize("name", [n for n in CONFIGS if n != "pali"])
+# The contrastive families' end-to-end run (PaLI's is in test_pali.py, ALBEF's in
+# test_albef.py).
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n not in ("pali", "albef")])
 def test_config_runs_end_to_end(name, tmp_path):
   workdir = str(tmp_path)
   config = tiny_config(name, "eval.every_steps=0", "eval.max_examples.zeroshot=64",
@@ -398,7 +399,8 @@ def test_training_batches_cross_to_the_device_as_uint8():
   assert np.isfinite(float(m["train/loss"]))
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+# ALBEF keeps non-gradient state (momentum model, queues), which accumulation refuses.
+@pytest.mark.parametrize("name", [n for n in CONFIGS if n != "albef"])
 def test_gradient_accumulation_equals_the_whole_batch(name, tokenizer):
   # Several steps with 4 micro-batches of 4 give the parameters of the whole batch of 16 (to
   # fp32 rounding): the contrastive losses still see every negative of the batch.

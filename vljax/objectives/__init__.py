@@ -16,8 +16,9 @@ def make_objective(config: ml_collections.ConfigDict, tokenizer):
   from vljax.objectives import two_towers  # pylint: disable=g-import-not-at-top
   from vljax.objectives import coca  # pylint: disable=g-import-not-at-top
   from vljax.objectives import pali  # pylint: disable=g-import-not-at-top
+  from vljax.objectives import albef  # pylint: disable=g-import-not-at-top
   registry = {"two_towers": two_towers.TwoTowersObjective, "coca": coca.CocaObjective,
-              "pali": pali.PaliObjective}
+              "pali": pali.PaliObjective, "albef": albef.AlbefObjective}
   if config.objective not in registry:
     raise ConfigError(f"config.objective={config.objective!r}; known objectives: "
                       f"{sorted(registry)}.")
