@@ -19,20 +19,7 @@ embedded synthetic data on a 2-core CPU in a few minutes), variant=B/16 (image e
 scale=paper).
 """
 from vljax import configlib
-
-# Small sizes for the embedded synthetic data, those of the small CoCa (vljax.model_sizes):
-# 'tiny' compiles in seconds for tests; the queue holds two batches.
-SMALL = {
-    "laptop": dict(image_size=32, patch=8, width=128, depth=4, mlp_dim=512, heads=4,
-                   text_depth=2, fusion_depth=2, max_len=24, embed_dim=128, batch_size=128,
-                   queue_size=1024, total_steps=600, warmup_steps=60, lr=1e-3, log_every=50,
-                   eval_every=300, ckpt_every=300),
-    "tiny": dict(image_size=16, patch=8, width=32, depth=1, mlp_dim=64, heads=2, text_depth=1,
-                 fusion_depth=1, max_len=8, embed_dim=32, batch_size=16, queue_size=32,
-                 total_steps=4, warmup_steps=1, lr=1e-3, log_every=1, eval_every=-1,
-                 ckpt_every=2),
-}
-
+from vljax import model_sizes
 
 def get_config(arg=None):
   args = configlib.parse_arg(arg, scale="laptop", variant="B/16")
@@ -60,25 +47,5 @@ def get_config(arg=None):
     c.optim.schedule = "cosine"
     c.log_every_steps = 50
   else:
-    if args.scale not in SMALL:
-      raise configlib.ConfigError(f"scale={args.scale!r}; choose paper or one of "
-                                  f"{', '.join(SMALL)}.")
-    s = SMALL[args.scale]
-    c.model.image = dict(width=s["width"], depth=s["depth"], mlp_dim=s["mlp_dim"],
-                         num_heads=s["heads"], patch_size=(s["patch"], s["patch"]),
-                         posemb="learn")
-    c.model.text = dict(width=s["width"], mlp_dim=s["mlp_dim"], num_heads=s["heads"],
-                        text_depth=s["text_depth"], fusion_depth=s["fusion_depth"])
-    c.model.embed_dim = s["embed_dim"]
-    c.loss.queue_size = s["queue_size"]
-    c.data.image_size = s["image_size"]
-    c.data.max_len = s["max_len"]
-    c.batch_size = s["batch_size"]
-    c.total_steps = s["total_steps"]
-    c.optim.warmup_steps = s["warmup_steps"]
-    c.optim.lr = s["lr"]
-    c.log_every_steps = s["log_every"]
-    c.eval.every_steps = s["eval_every"]
-    c.eval.batch_size = 256
-    c.checkpoint.every_steps = s["ckpt_every"]
+    model_sizes.small_albef(c, args.scale)
   return c

@@ -107,3 +107,32 @@ def small_pali(config, scale: str, architecture: str) -> None:
   config.model.text = text
   config.tasks.prefix_len = s["prefix_len"]
   _small_run(config, s)
+
+
+# Small ALBEF sizes: the small CoCa's ViT and width, a text encoder and fusion layers of that
+# width; the feature queues hold eight ('laptop') or two ('tiny') batches.
+SMALL_ALBEF = {
+    "laptop": dict(image_size=32, patch=8, width=128, depth=4, mlp_dim=512, heads=4,
+                   text_depth=2, fusion_depth=2, max_len=24, embed_dim=128, batch_size=128,
+                   queue_size=1024, total_steps=600, warmup_steps=60, lr=1e-3, log_every=50,
+                   eval_every=300, ckpt_every=300),
+    "tiny": dict(image_size=16, patch=8, width=32, depth=1, mlp_dim=64, heads=2, text_depth=1,
+                 fusion_depth=1, max_len=8, embed_dim=32, batch_size=16, queue_size=32,
+                 total_steps=4, warmup_steps=1, lr=1e-3, log_every=1, eval_every=-1,
+                 ckpt_every=2),
+}
+
+
+def small_albef(config, scale: str) -> None:
+  """Fills `config` (a base_train_config) with one of the SMALL_ALBEF sizes."""
+  if scale not in SMALL_ALBEF:
+    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
+                                f"{', '.join(SMALL_ALBEF)}.")
+  s = SMALL_ALBEF[scale]
+  config.model.image = dict(width=s["width"], depth=s["depth"], mlp_dim=s["mlp_dim"],
+                            num_heads=s["heads"], patch_size=(s["patch"], s["patch"]),
+                            posemb="learn")
+  config.model.text = dict(width=s["width"], mlp_dim=s["mlp_dim"], num_heads=s["heads"],
+                           text_depth=s["text_depth"], fusion_depth=s["fusion_depth"])
+  config.loss.queue_size = s["queue_size"]
+  _small_run(config, s)
