@@ -16,6 +16,8 @@ setuptools.setup(
         "ml-collections>=1.1.0",
         "absl-py",
         "sentencepiece>=0.2.0",
+        # Reads Hugging Face / open_clip .safetensors checkpoints with numpy (vljax.interop).
+        "safetensors>=0.4",
         "numpy",
         "pillow",
         "tensorboardX>=2.6",

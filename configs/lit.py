@@ -9,7 +9,12 @@ trains the text tower with the contrastive loss; `loss=sigmoid` (the default her
 SigLIP paper's LiT variant, `loss=softmax` the original.
 
 Arguments (comma-separated k=v): init=DIR (required; or set config.init.path), scale=laptop|
-tiny|paper, variant=B/16, loss=sigmoid|softmax.
+tiny|paper, variant=B/16, loss=sigmoid|softmax, imported=DIR.
+
+imported=DIR starts from a checkpoint converted by `python -m vljax.interop import` (e.g. a
+big_vision or Hugging Face SigLIP; docs/interop.md): the architecture (both towers, image
+size, text length), the pixel range and the tokenizer are the import's, `scale` then only sets
+the schedule and batch size, and init=DIR is implied.
 """
 import importlib.util
 import os
@@ -26,13 +31,28 @@ def _base(name: str, arg: str):
   return module.get_config(arg)
 
 
+def _take_architecture(c, directory: str) -> None:
+  """The model, image size, text length, pixel range and tokenizer of an imported export."""
+  imported = configlib.read_run_config(directory)
+  # The logit scale and bias train from scratch, initialised as the loss's recipe says.
+  scalars = {k: c.model[k] for k in ("temperature_init", "bias_init")}
+  c.model = dict(imported["model"], **scalars)
+  for key in ("image_size", "max_len", "mean", "std"):
+    c.data[key] = imported["data"][key]
+  c.tokenizer.path = os.path.join(directory, "tokenizer.model")
+  c.init.path = directory
+
+
 def get_config(arg=None):
-  args = configlib.parse_arg(arg, init="", scale="laptop", variant="B/16", loss="sigmoid")
+  args = configlib.parse_arg(arg, init="", scale="laptop", variant="B/16", loss="sigmoid",
+                             imported="")
   if args.loss not in ("sigmoid", "softmax"):
     raise configlib.ConfigError(f"lit.py: loss={args.loss!r}; choose sigmoid or softmax.")
   c = _base("siglip" if args.loss == "sigmoid" else "clip",
             f"scale={args.scale},variant={args.variant}")
   c.init.path = args.init
+  if args.imported:
+    _take_architecture(c, args.imported)
   c.init.mapping = [["^img/", "img/"]]
   c.optim.freeze = ["^img/"]
   return c

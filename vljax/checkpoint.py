@@ -131,7 +131,15 @@ def export_params(workdir: str, params: Any, config_json: str, tokenizer: Any = 
 
   Returns the export directory.
   """
-  path = os.path.abspath(os.path.join(workdir, "export"))
+  return write_export(os.path.join(workdir, "export"), params, config_json, tokenizer)
+
+
+def write_export(path: str, params: Any, config_json: str, tokenizer: Any = None) -> str:
+  """Writes an export directory at `path` itself (params/, config.json, tokenizer.model).
+
+  Returns its absolute path.
+  """
+  path = os.path.abspath(path)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.join(path, "params"), params, force=True)
   checkpointer.wait_until_finished()

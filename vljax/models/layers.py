@@ -43,10 +43,11 @@ def scalar_param(module: nn.Module, name: str, value: float,
   return module.param(name, init, (), param_dtype)
 
 
-def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None,
+               epsilon: float = 1e-6) -> nn.LayerNorm:
   """LayerNorm whose scale and bias are annotated with the 'embed' axis."""
   return nn.LayerNorm(
-      dtype=dtype, param_dtype=param_dtype, name=name,
+      dtype=dtype, param_dtype=param_dtype, name=name, epsilon=epsilon,
       scale_init=partitioned(nn.initializers.ones, ("embed",)),
       bias_init=partitioned(nn.initializers.zeros, ("embed",)))
 
@@ -70,12 +71,23 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
   return jnp.asarray(pe, dtype)[None, :, :]
 
 
+# The MLP nonlinearities: 'gelu_tanh' (flax's nn.gelu, the tanh approximation; big_vision,
+# SigLIP), 'gelu' (exact, erf; open_clip's nn.GELU), 'quick_gelu' (x * sigmoid(1.702 x); OpenAI
+# CLIP).
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu_tanh": nn.gelu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
 class MlpBlock(nn.Module):
-  """Transformer MLP: Dense(mlp_dim) -> GELU -> dropout -> Dense(width)."""
+  """Transformer MLP: Dense(mlp_dim) -> activation (ACTIVATIONS) -> dropout -> Dense(width)."""
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  activation: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -85,7 +97,9 @@ class MlpBlock(nn.Module):
         kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "mlp")),
         bias_init=partitioned(nn.initializers.normal(stddev=1e-6), ("mlp",)))(x)
     x = constrain(x, ("act_batch", "act_len", "act_mlp"))
-    x = nn.gelu(x)
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"Unknown activation {self.activation!r}; valid: {list(ACTIVATIONS)}.")
+    x = ACTIVATIONS[self.activation](x)
     x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
     x = nn.Dense(
         width, dtype=self.dtype, param_dtype=self.param_dtype, name="Dense_1",
@@ -265,26 +279,35 @@ def _mlp_residual(block: nn.Module, x: Array, train: bool) -> Array:
   """x + Dropout(MLP(LayerNorm(x))): the second half of every pre-LN transformer block.
 
   Called from the block's compact __call__, so LayerNorm_1 and MlpBlock_0 are its children.
+  A block may set `norm_eps` and `activation` (EncoderBlock does); others get the defaults.
   """
-  y = layer_norm(block.dtype, block.param_dtype, name="LayerNorm_1")(x)
+  y = layer_norm(block.dtype, block.param_dtype, name="LayerNorm_1",
+                 epsilon=getattr(block, "norm_eps", 1e-6))(x)
   y = MlpBlock(block.mlp_dim, dropout=block.dropout, dtype=block.dtype,
-               param_dtype=block.param_dtype, name="MlpBlock_0")(y, train)
+               param_dtype=block.param_dtype, name="MlpBlock_0",
+               activation=getattr(block, "activation", "gelu_tanh"))(y, train)
   y = nn.Dropout(rate=block.dropout)(y, deterministic=not train)
   return constrain(x + y, ACT_SEQ)
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN transformer block: x + Attn(LN(x)); x + MLP(LN(x))."""
+  """Pre-LN transformer block: x + Attn(LN(x)); x + MLP(LN(x)).
+
+  norm_eps (LayerNorm epsilon) and activation (the MLP's, see ACTIVATIONS) default to
+  big_vision's; open_clip's CLIP uses 1e-5 and 'gelu' (or 'quick_gelu').
+  """
   mlp_dim: int
   num_heads: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_eps: float = 1e-6
+  activation: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None, train: bool = False) -> Array:
     x = constrain(x, ACT_SEQ)
-    y = layer_norm(self.dtype, self.param_dtype, name="LayerNorm_0")(x)
+    y = layer_norm(self.dtype, self.param_dtype, name="LayerNorm_0", epsilon=self.norm_eps)(x)
     y = MultiHeadAttention(
         self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
         name="MultiHeadAttention_0")(y, y, mask, train)
@@ -303,6 +326,7 @@ class Encoder(nn.Module):
     remat: remat policy name of each block (vljax.models.stacks.REMAT_NAMES); True is 'full',
       False 'none'.
     scan: run the blocks as one nn.scan (compiles once whatever the depth).
+    norm_eps, activation: every LayerNorm's epsilon and the MLPs' activation (EncoderBlock).
   """
   depth: int
   mlp_dim: int
@@ -312,10 +336,13 @@ class Encoder(nn.Module):
   scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_eps: float = 1e-6
+  activation: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None, train: bool = False) -> Array:
-    sizes = dict(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype)
+    sizes = dict(dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
+                 norm_eps=self.norm_eps, activation=self.activation)
     if self.scan:
       # Arguments (self, x, mask, train): `train` selects Python control flow, so it is static.
       block_cls = stacks.block_class(stacks.scan_step(EncoderBlock), self.remat, True, (3,))
@@ -327,7 +354,8 @@ class Encoder(nn.Module):
       for i in range(self.depth):
         x = block_cls(self.mlp_dim, self.num_heads, **sizes, name=f"encoderblock_{i}")(
             x, mask, train)
-    return layer_norm(self.dtype, self.param_dtype, name="encoder_norm")(x)
+    return layer_norm(self.dtype, self.param_dtype, name="encoder_norm",
+                      epsilon=self.norm_eps)(x)
 
 
 class MAPHead(nn.Module):

@@ -3,6 +3,8 @@
 Parameter tree:
   img/encoder/...   VisionTransformer      img/head/{kernel, bias}   width -> embed_dim
   txt/encoder/...   TextTransformer        txt/head/{kernel, bias}
+  (a tower with head 'none' has no head: its pooled output is its embedding, as the image
+  tower of big_vision's and Hugging Face's SigLIP)
   t                 log of the logit scale (scalar)
   b                 logit bias (scalar; only when bias_init is not None)
 so regexes such as '^img/' select the whole image tower (LiT locking).
@@ -42,12 +44,18 @@ def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
   return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
 
 
-def _head(embed_dim: int, dtype: Dtype, param_dtype: Dtype) -> nn.Dense:
+def _head(embed_dim: int, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True) -> nn.Dense:
   # Lecun-normal, not zeros: two zero heads would give identical (zero) embeddings and no signal.
   return nn.Dense(
-      embed_dim, dtype=dtype, param_dtype=param_dtype, name="head",
+      embed_dim, dtype=dtype, param_dtype=param_dtype, name="head", use_bias=use_bias,
       kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed", None)),
       bias_init=layers.partitioned(nn.initializers.zeros, (None,)))
+
+
+# A tower's projection to the shared space: 'dense' (Dense with bias, named 'head'), 'linear'
+# (without bias: CLIP's proj / text_projection) or 'none' (the pooled encoder output is the
+# embedding; its width must be embed_dim).
+HEAD_TYPES = ("dense", "linear", "none")
 
 
 class Tower(nn.Module):
@@ -55,6 +63,7 @@ class Tower(nn.Module):
   encoder_cls: type
   config: Mapping[str, Any]
   embed_dim: int
+  head: str = "dense"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -69,8 +78,16 @@ class Tower(nn.Module):
     if kwargs.get("pool_type") == "none":
       raise ValueError(f"TwoTowers needs a pooled embedding: pool_type 'none' is invalid for "
                        f"the {kind}.")
+    if self.head not in HEAD_TYPES:
+      raise ValueError(f"Unknown head {self.head!r} for the {kind}; valid: {HEAD_TYPES}.")
     pooled, sequence = self.encoder_cls(**kwargs, name="encoder")(inputs, train)
-    return _head(self.embed_dim, self.dtype, self.param_dtype)(pooled), pooled, sequence
+    if self.head == "none":
+      if pooled.shape[-1] != self.embed_dim:
+        raise ValueError(f"The {kind} has no head, so its width ({pooled.shape[-1]}) must be "
+                         f"embed_dim ({self.embed_dim}).")
+      return pooled, pooled, sequence
+    head = _head(self.embed_dim, self.dtype, self.param_dtype, self.head == "dense")
+    return head(pooled), pooled, sequence
 
 
 class TwoTowers(nn.Module):
@@ -84,12 +101,16 @@ class TwoTowers(nn.Module):
     temperature_init: initial logit scale (1/0.07 for CLIP, 10 for SigLIP); the parameter 't'
       holds its log.
     bias_init: initial logit bias (-10 for SigLIP); None creates no 'b' parameter.
+    image_head, text_head: each tower's projection, 'dense' (default), 'linear' or 'none' (see
+      HEAD_TYPES; SigLIP's image tower has none, CLIP's heads have no bias).
   """
   image: Mapping[str, Any]
   text: Mapping[str, Any]
   embed_dim: int
   temperature_init: float = 10.0
   bias_init: float | None = None
+  image_head: str = "dense"
+  text_head: str = "dense"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -108,14 +129,16 @@ class TwoTowers(nn.Module):
     zimg = ztxt = None
     if images is not None:
       proj, pooled, _ = Tower(vit.VisionTransformer, self.image, self.embed_dim,
-                              dtype=self.dtype, param_dtype=self.param_dtype,
+                              head=self.image_head, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
                               name="img")(images, train)
       out["img/pre_logits"] = pooled
       out["img/unnormed"] = proj
       zimg = l2_normalize(proj)
     if tokens is not None:
       proj, pooled, _ = Tower(text_lib.TextTransformer, self.text, self.embed_dim,
-                              dtype=self.dtype, param_dtype=self.param_dtype,
+                              head=self.text_head, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
                               name="txt")(tokens, train)
       out["txt/pre_logits"] = pooled
       out["txt/unnormed"] = proj

@@ -61,6 +61,10 @@ class VisionTransformer(nn.Module):
     dropout: dropout rate inside the blocks (train only).
     remat: remat policy of each block (vljax.models.stacks.REMAT_NAMES; True = 'full').
     scan: run the blocks as one nn.scan (parameters stacked on a leading 'layers' axis).
+    patch_bias: the patch embedding has a bias (big_vision, SigLIP); CLIP's has none.
+    pre_norm: a LayerNorm ('pre_norm') on the tokens before the blocks (CLIP's ln_pre).
+    norm_eps, activation: the LayerNorms' epsilon and the MLPs' activation
+      (vljax.models.layers.ACTIVATIONS); CLIP: 1e-5 and 'gelu' or 'quick_gelu'.
   """
   width: int
   depth: int
@@ -74,6 +78,10 @@ class VisionTransformer(nn.Module):
   scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  patch_bias: bool = True
+  pre_norm: bool = False
+  norm_eps: float = 1e-6
+  activation: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, images: Array, train: bool = False) -> tuple[Array | None, Array]:
@@ -94,7 +102,7 @@ class VisionTransformer(nn.Module):
 
     x = nn.Conv(
         self.width, (ph, pw), strides=(ph, pw), padding="VALID", dtype=self.dtype,
-        param_dtype=self.param_dtype, name="embedding",
+        param_dtype=self.param_dtype, name="embedding", use_bias=self.patch_bias,
         kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
                                        (None, None, None, "embed")),
         bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))(
@@ -117,13 +125,16 @@ class VisionTransformer(nn.Module):
                        layers.partitioned(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, c), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (b, 1, 1)), x], axis=1)
+    if self.pre_norm:
+      x = layers.layer_norm(self.dtype, self.param_dtype, name="pre_norm",
+                            epsilon=self.norm_eps)(x)
     x = layers.constrain(x, layers.ACT_SEQ)
     x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
 
     x = layers.Encoder(
         self.depth, self.mlp_dim, self.num_heads, dropout=self.dropout, remat=self.remat,
-        scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype,
-        name="Transformer")(x, None, train)
+        scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype, norm_eps=self.norm_eps,
+        activation=self.activation, name="Transformer")(x, None, train)
 
     if self.pool_type == "tok":
       pooled, tokens = x[:, 0], x[:, 1:]

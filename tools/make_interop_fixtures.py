@@ -1,0 +1,305 @@
+"""Writes the interop test fixtures: one small random SigLIP, as Hugging Face and big_vision see it.
+
+Run with a side environment that has torch and transformers (never the core install):
+
+    python3 -m venv /work/side_venv
+    /work/side_venv/bin/pip install torch transformers safetensors numpy sentencepiece protobuf \
+        open_clip_torch
+    /work/side_venv/bin/python tools/make_interop_fixtures.py [--out tests/fixtures/interop]
+
+Made with torch 2.13.0+cpu, transformers 5.24.0, open_clip_torch 3.3.0, safetensors 0.8.0,
+sentencepiece 0.2.3, numpy 2.4.6 (Python 3.11). Rerunning it with those versions rewrites the
+same bytes.
+
+What it writes under --out:
+  hf_siglip/config.json,        a Hugging Face `SiglipModel` (save_pretrained), random weights
+  hf_siglip/model.safetensors   from a fixed seed, every tensor (biases, LayerNorms, logit scale
+                                and bias included) perturbed so that no mapping mistake hides
+                                behind a zero or a one
+  hf_siglip/spiece.model        a tiny sentencepiece model (SigLIP's ids: pad 0, eos 1, unk 2)
+                                trained on the captions below; the big_vision checkpoint uses
+                                it too
+  big_vision_siglip.npz         the same weights under big_vision's names ('params/img/...',
+                                'params/txt/...', 'params/t', 'params/b'), converted here from
+                                the torch tensors with big_vision's layouts (flax kernels
+                                [in, out], attention kernels [D, heads, head_dim], conv kernel
+                                [h, w, in, out], posembs [1, n, D], t and b of shape [1])
+  hf_siglip_fp16.bin            the same state dict in float16, written by torch.save (a
+                                pytorch_model.bin), for the pickle-free torch reader
+  torch_tensors.pt,             a torch.save'd dict of tensors of several dtypes, a strided
+  torch_tensors.npz             view sharing its storage, a Parameter, a scalar; and the
+                                values torch reads back from it
+  open_clip/open_clip_config.json,      a small random open_clip CLIP ViT (exact GELU,
+  open_clip/open_clip_model.safetensors  LayerNorm eps 1e-5, class token, ln_pre, causal text
+                                tower pooled at the largest id) in the Hugging Face hub layout
+  open_clip_reference.npz       its outputs: images, tokens, zimg, ztxt, logits, t, scale
+  reference.npz                 the reference model's outputs on fixed inputs: images (NHWC, in
+                                [-1, 1]), tokens (int32 [B, L], SigLIP style: EOS-padded), and
+                                zimg, ztxt (L2-normalised embeddings), logits (logits_per_image),
+                                t (the log-scale parameter), scale = exp(t), bias; captions and
+                                hf_tokens: HF SiglipTokenizer's ids for tricky captions
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import transformers
+
+SEED = 0
+IMAGE_SIZE, PATCH = 32, 8
+VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+TEXT = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+MAX_LEN = 16
+
+CORPUS = [
+    "a photo of a cat", "a photo of a dog", "a red circle on a blue background",
+    "two dogs playing in the snow", "a man riding a horse on the beach",
+    "the quick brown fox jumps over the lazy dog", "an image of a small green square",
+    "a picture of a yellow triangle", "people walking down a busy street at night",
+    "a bowl of fruit on a wooden table", "a plane flying over the mountains",
+    "Café au lait, naïve résumé", "numbers 0123456789 and symbols !?.,:;'\"-()",
+] * 4
+TRICKY_CAPTIONS = [
+    "a photo of a cat", "  Leading and trailing spaces  ", "UPPER case Words",
+    "punctuation, commas; and: colons!", "naïve café résumé", "",
+    "a very long caption that goes on and on and will be truncated to the maximum length",
+    "don't stop: e.g. x-ray", "tabs\tand\nnewlines", "\uff26\uff55\uff4c\uff4c width \ufb01ne",
+    "emoji \U0001f642 and unknown \u00df",
+]
+
+
+def train_tokenizer(path: str) -> int:
+  """Trains the tiny sentencepiece model; returns its number of pieces."""
+  import io  # pylint: disable=g-import-not-at-top
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=160,
+      model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, num_threads=1,
+      hard_vocab_limit=False, character_coverage=1.0, minloglevel=2)
+  with open(path, "wb") as f:
+    f.write(model.getvalue())
+  return spm.SentencePieceProcessor(model_file=path).get_piece_size()
+
+
+def build_model(vocab_size: int) -> transformers.SiglipModel:
+  torch.manual_seed(SEED)
+  config = transformers.SiglipConfig(
+      vision_config=dict(VISION, image_size=IMAGE_SIZE, patch_size=PATCH),
+      text_config=dict(TEXT, vocab_size=vocab_size, max_position_embeddings=MAX_LEN,
+                       projection_size=VISION["hidden_size"], pad_token_id=1, eos_token_id=1,
+                       bos_token_id=None))
+  model = transformers.SiglipModel(config).eval()
+  model.config._attn_implementation = "eager"  # pylint: disable=protected-access
+  generator = torch.Generator().manual_seed(SEED + 1)
+  with torch.no_grad():
+    for name, p in sorted(model.named_parameters()):
+      p.add_(0.05 * torch.randn(p.shape, generator=generator))
+      if name == "logit_scale":
+        p.fill_(float(np.log(10.0)) + 0.1)
+      elif name == "logit_bias":
+        p.fill_(-2.5)
+  return model
+
+
+def _attention(prefix: str, sd: dict, out: dict, dst: str, heads: int) -> None:
+  """HF q/k/v/out projections -> flax MultiHeadDotProductAttention kernels and biases."""
+  for hf, bv in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
+    w, b = sd[f"{prefix}.{hf}.weight"], sd[f"{prefix}.{hf}.bias"]
+    d = w.shape[1]
+    out[f"{dst}/{bv}/kernel"] = w.T.reshape(d, heads, -1)
+    out[f"{dst}/{bv}/bias"] = b.reshape(heads, -1)
+  w = sd[f"{prefix}.out_proj.weight"]
+  out[f"{dst}/out/kernel"] = w.T.reshape(heads, -1, w.shape[0])
+  out[f"{dst}/out/bias"] = sd[f"{prefix}.out_proj.bias"]
+
+
+def _dense(sd: dict, src: str, out: dict, dst: str) -> None:
+  out[f"{dst}/kernel"] = sd[f"{src}.weight"].T
+  out[f"{dst}/bias"] = sd[f"{src}.bias"]
+
+
+def _norm(sd: dict, src: str, out: dict, dst: str) -> None:
+  out[f"{dst}/scale"] = sd[f"{src}.weight"]
+  out[f"{dst}/bias"] = sd[f"{src}.bias"]
+
+
+def _encoder(sd: dict, src: str, depth: int, heads: int, out: dict, dst: str) -> None:
+  for i in range(depth):
+    s, d = f"{src}.layers.{i}", f"{dst}/encoderblock_{i}"
+    _norm(sd, f"{s}.layer_norm1", out, f"{d}/LayerNorm_0")
+    _attention(f"{s}.self_attn", sd, out, f"{d}/MultiHeadDotProductAttention_0", heads)
+    _norm(sd, f"{s}.layer_norm2", out, f"{d}/LayerNorm_1")
+    _dense(sd, f"{s}.mlp.fc1", out, f"{d}/MlpBlock_0/Dense_0")
+    _dense(sd, f"{s}.mlp.fc2", out, f"{d}/MlpBlock_0/Dense_1")
+
+
+def to_big_vision(model: transformers.SiglipModel) -> dict[str, np.ndarray]:
+  """The model's weights under big_vision's SigLIP names and layouts."""
+  sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+  out: dict[str, np.ndarray] = {}
+  v = "vision_model"
+  out["img/embedding/kernel"] = sd[f"{v}.embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0)
+  out["img/embedding/bias"] = sd[f"{v}.embeddings.patch_embedding.bias"]
+  out["img/pos_embedding"] = sd[f"{v}.embeddings.position_embedding.weight"][None]
+  _encoder(sd, f"{v}.encoder", VISION["num_hidden_layers"], VISION["num_attention_heads"], out,
+           "img/Transformer")
+  _norm(sd, f"{v}.post_layernorm", out, "img/Transformer/encoder_norm")
+  heads, h = VISION["num_attention_heads"], f"{v}.head"
+  out["img/MAPHead_0/probe"] = sd[f"{h}.probe"]
+  wq, wk, wv = np.split(sd[f"{h}.attention.in_proj_weight"], 3)
+  bq, bk, bv = np.split(sd[f"{h}.attention.in_proj_bias"], 3)
+  mha = {f"{h}.mha.q_proj.weight": wq, f"{h}.mha.q_proj.bias": bq,
+         f"{h}.mha.k_proj.weight": wk, f"{h}.mha.k_proj.bias": bk,
+         f"{h}.mha.v_proj.weight": wv, f"{h}.mha.v_proj.bias": bv,
+         f"{h}.mha.out_proj.weight": sd[f"{h}.attention.out_proj.weight"],
+         f"{h}.mha.out_proj.bias": sd[f"{h}.attention.out_proj.bias"]}
+  _attention(f"{h}.mha", mha, out, "img/MAPHead_0/MultiHeadDotProductAttention_0", heads)
+  _norm(sd, f"{h}.layernorm", out, "img/MAPHead_0/LayerNorm_0")
+  _dense(sd, f"{h}.mlp.fc1", out, "img/MAPHead_0/MlpBlock_0/Dense_0")
+  _dense(sd, f"{h}.mlp.fc2", out, "img/MAPHead_0/MlpBlock_0/Dense_1")
+
+  t = "text_model"
+  out["txt/Embed_0/embedding"] = sd[f"{t}.embeddings.token_embedding.weight"]
+  out["txt/pos_embedding"] = sd[f"{t}.embeddings.position_embedding.weight"][None]
+  _encoder(sd, f"{t}.encoder", TEXT["num_hidden_layers"], TEXT["num_attention_heads"], out,
+           "txt/Encoder_0")
+  _norm(sd, f"{t}.final_layer_norm", out, "txt/Encoder_0/encoder_norm")
+  _dense(sd, f"{t}.head", out, "txt/head")
+  out["t"] = sd["logit_scale"].reshape(1)
+  out["b"] = sd["logit_bias"].reshape(1)
+  return {f"params/{k}": np.ascontiguousarray(x) for k, x in sorted(out.items())}
+
+
+def reference_outputs(model: transformers.SiglipModel, vocab_size: int) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(SEED)
+  images = rng.uniform(-1, 1, (3, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+  tokens = np.ones((4, MAX_LEN), np.int32)  # SigLIP pads with EOS (id 1)
+  for row, n in enumerate((3, 7, 15, MAX_LEN)):
+    tokens[row, :n] = rng.integers(3, vocab_size, n)
+  tokens[2, 15] = 1
+  with torch.no_grad():
+    out = model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+  t = model.logit_scale.detach().numpy().reshape(())
+  return dict(images=images, tokens=tokens,
+              zimg=out.image_embeds.numpy(), ztxt=out.text_embeds.numpy(),
+              logits=out.logits_per_image.numpy(),
+              t=t.astype(np.float32), scale=np.exp(t).astype(np.float32),
+              bias=model.logit_bias.detach().numpy().reshape(()).astype(np.float32))
+
+
+def tokenizer_reference(spiece: str) -> dict[str, np.ndarray]:
+  tok = transformers.SiglipTokenizer(vocab_file=spiece)
+  ids = tok(TRICKY_CAPTIONS, padding="max_length", truncation=True, max_length=MAX_LEN)
+  return dict(captions=np.array(TRICKY_CAPTIONS), hf_tokens=np.array(ids["input_ids"], np.int32))
+
+
+def torch_files(model: transformers.SiglipModel, out: str) -> None:
+  """The torch.save fixtures: the model in float16, and a dict of assorted tensors."""
+  state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+  torch.save(state, os.path.join(out, "hf_siglip_fp16.bin"))
+  generator = torch.Generator().manual_seed(SEED + 2)
+  shared = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+  tensors = {"f32": torch.randn(3, 4, generator=generator), "view": shared[1:, ::2],
+             "shared": shared, "param": torch.nn.Parameter(torch.full((2,), 0.5)),
+             "bf16": torch.randn(3, generator=generator).bfloat16(),
+             "f16": torch.randn(2, generator=generator).half(), "i64": torch.arange(5),
+             "scalar": torch.tensor(3.5),
+             "nested": {"inner": torch.ones(2, 2, dtype=torch.float64)}}
+  path = os.path.join(out, "torch_tensors.pt")
+  torch.save(tensors, path)
+  loaded = torch.load(path, weights_only=True)
+  expected = {"nested.inner": loaded.pop("nested")["inner"]}
+  expected.update(loaded)
+  _save_npz(os.path.join(out, "torch_tensors.npz"),
+            {k: (v.float() if v.dtype == torch.bfloat16 else v).detach().numpy()
+             for k, v in expected.items()})
+
+
+def open_clip_files(out: str) -> None:
+  """The open_clip CLIP fixture and its reference outputs."""
+  import open_clip  # pylint: disable=g-import-not-at-top
+  from safetensors import torch as st_torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(SEED + 3)
+  model_cfg = {"embed_dim": 24,
+               "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": PATCH, "width": 32,
+                              "layers": 2, "head_width": 16, "mlp_ratio": 2.0},
+               "text_cfg": {"context_length": MAX_LEN, "vocab_size": 101, "width": 32,
+                            "heads": 2, "layers": 2, "mlp_ratio": 2.0}}
+  model = open_clip.model.CLIP(**model_cfg).eval()
+  generator = torch.Generator().manual_seed(SEED + 4)
+  with torch.no_grad():
+    for _, p in sorted(model.named_parameters()):
+      p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    model.logit_scale.fill_(float(np.log(20.0)))
+  directory = os.path.join(out, "open_clip")
+  os.makedirs(directory, exist_ok=True)
+  state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+  st_torch.save_file(state, os.path.join(directory, "open_clip_model.safetensors"))
+  with open(os.path.join(directory, "open_clip_config.json"), "w") as f:
+    json.dump({"model_cfg": model_cfg,
+               "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN),
+                                  "std": list(open_clip.OPENAI_DATASET_STD)}}, f, indent=2)
+    f.write("\n")
+  rng = np.random.default_rng(SEED + 5)
+  images = rng.uniform(-2, 2, (2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+  tokens = np.zeros((3, MAX_LEN), np.int32)  # CLIP pads with 0; its EOT is the largest id
+  for row, n in enumerate((4, 9, MAX_LEN)):
+    tokens[row, :n] = rng.integers(1, 100, n)
+  tokens[0, 4], tokens[1, 9] = 100, 100  # the last row has no EOT: the argmax still pools
+  with torch.no_grad():
+    zimg = model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2)), normalize=True)
+    ztxt = model.encode_text(torch.from_numpy(tokens.astype(np.int64)), normalize=True)
+    t = model.logit_scale.detach().numpy().reshape(()).astype(np.float32)
+    logits = (model.logit_scale.exp() * zimg @ ztxt.T).numpy()
+  _save_npz(os.path.join(out, "open_clip_reference.npz"),
+            dict(images=images, tokens=tokens, zimg=zimg.numpy(), ztxt=ztxt.numpy(),
+                 logits=logits, t=t, scale=np.exp(t).astype(np.float32)))
+
+
+def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+  """np.savez with fixed zip timestamps, so a rerun writes the same bytes."""
+  import zipfile  # pylint: disable=g-import-not-at-top
+  with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    for name, value in arrays.items():
+      info = zipfile.ZipInfo(f"{name}.npy", date_time=(2020, 1, 1, 0, 0, 0))
+      info.compress_type = zipfile.ZIP_DEFLATED
+      with zf.open(info, "w") as f:
+        np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), os.pardir,
+                                                    "tests", "fixtures", "interop"))
+  out = os.path.abspath(parser.parse_args().out)
+  hf_dir = os.path.join(out, "hf_siglip")
+  os.makedirs(hf_dir, exist_ok=True)
+  spiece = os.path.join(hf_dir, "spiece.model")
+  vocab_size = train_tokenizer(spiece)
+  model = build_model(vocab_size)
+  model.save_pretrained(hf_dir)
+  _save_npz(os.path.join(out, "big_vision_siglip.npz"), to_big_vision(model))
+  torch_files(model, out)
+  open_clip_files(out)
+  _save_npz(os.path.join(out, "reference.npz"),
+            {**reference_outputs(model, vocab_size), **tokenizer_reference(spiece)})
+  with open(os.path.join(out, "versions.json"), "w") as f:
+    import open_clip  # pylint: disable=g-import-not-at-top
+    json.dump({"torch": torch.__version__, "transformers": transformers.__version__,
+               "open_clip_torch": open_clip.__version__,
+               "numpy": np.__version__, "sentencepiece": spm.__version__}, f, indent=1)
+    f.write("\n")
+  for root, _, files in os.walk(out):
+    for name in sorted(files):
+      path = os.path.join(root, name)
+      print(f"{os.path.getsize(path):>9,}  {os.path.relpath(path, out)}")
+
+
+if __name__ == "__main__":
+  main()
