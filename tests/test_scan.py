@@ -1,6 +1,7 @@
 """Scan over layers and remat policies: the unrolled model is the reference for the scanned one.
 
-Every stack (ViT, text tower, CoCa's decoder halves, the T5 encoder / decoder / prefix-LM) gives
+Every stack (ViT, text tower, CoCa's decoder halves, the T5 encoder / decoder / prefix-LM,
+ALBEF's text encoder and fusion layers) gives
 the same outputs, gradients and cached decodes from the same weights in both layouts and under
 every remat policy; the layouts convert both ways (also when config.init loads a run); the
 trainer's step is unchanged; and remat lowers XLA's temporary memory.
@@ -20,7 +21,7 @@ from vljax import checkpoint, configlib, decode, init_weights, optim, sharding, 
 from vljax.configlib import ConfigError
 from train_helpers import random_batch
 from vljax.data import tokenizer as tokenizer_lib
-from vljax.models import coca, pali, stacks, two_towers
+from vljax.models import coca, fusion, pali, stacks, two_towers
 from vljax.objectives import make_objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,6 +180,18 @@ def test_pali_forward_gradients_and_cached_decoding(arch, remat):
   assert "layers" in (converted["txt"]["decoder"] if arch == "encdec" else converted["txt"])
   decoded = lambda m, p: jax.jit(lambda q: _decodes(m, q, (IMAGES, prefix, 5), 5))(p)
   _close(decoded(other, converted), decoded(reference, params), tol=1e-4)
+
+
+def test_albef_text_and_fusion_layers():
+  def make(**options):
+    text = dict(vocab_size=VOCAB, width=16, mlp_dim=32, num_heads=2, text_depth=2,
+                fusion_depth=2, max_len=6, pad_id=PAD, **options)
+    return fusion.Albef(image=dict(VIT, **options), text=text, embed_dim=8)
+  loss = lambda out: (jnp.mean(out["mlm"] ** 2) + jnp.mean(out["itm"] ** 2)
+                      + jnp.sum(out["zimg"] @ out["ztxt"].T))
+  _, _, _, converted = _check_same_model(make, (IMAGES, TOKENS), loss,
+                                         dict(scan=True, remat="dots"))
+  assert "fusionblock" in converted["fusion"] and "fusionblock_0" not in converted["fusion"]
 
 
 # ------------------------------------------------------------------ loading and training

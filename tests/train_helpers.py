@@ -54,3 +54,20 @@ def train_steps(config, tokenizer, mesh, batches):
       state, m = step(state, placed, rng)
       losses.append(float(m["train/loss"]))
   return losses, state, setup
+
+
+def assert_trees_close(got, want, rtol, atol):
+  """Leaf by leaf (matched by path) equality of two pytrees to rtol / atol; returns how many
+  leaves were compared. The attention key biases are skipped: softmax is invariant to a bias
+  shared by all keys, so their gradient is identically zero and Adam turns rounding noise
+  into +-lr steps there in any two layouts."""
+  flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+  compared = 0
+  for path, a in jax.tree_util.tree_flatten_with_path(got)[0]:
+    name = jax.tree_util.keystr(path)
+    if "key" in name and "bias" in name:
+      continue
+    np.testing.assert_allclose(np.asarray(a), np.asarray(flat_want[path]), rtol=rtol,
+                               atol=atol, err_msg=name)
+    compared += 1
+  return compared

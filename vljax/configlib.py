@@ -234,6 +234,9 @@ def base_train_config() -> ml_collections.ConfigDict:
       # A visual question answering eval set ("" = none; e.g. "synthetic?task=vqa" or
       # "vqav2:QUESTIONS?annotations=ANNOTATIONS&images=DIR", docs/data.md).
       eval_vqa="",
+      # A classification set for SNLI-VE / NLVR2 fine-tuning ("" = none; e.g.
+      # "synthetic?task=snli_ve", "nlvr2:dev.json?images=DIR", docs/fusion.md).
+      eval_classification="",
       prompt_templates=["a photo of a {}.", "a picture of a {}.", "an image of a {}.",
                         "a photo of the {}."],
       # Images: resize "warp" | "crop" | "pad"; mean/std on [0, 1] ([] = [-1, 1] range).
@@ -298,6 +301,11 @@ def base_train_config() -> ml_collections.ConfigDict:
                                                 on_restore_error="stop"))
   # max_examples: per eval set, 0 = score every example; N > 0 = a random sample of N examples
   # drawn with config.data.seed (the metrics eval/*_examples say how many were scored).
+  # itm_rerank_k: for objectives with an ITM head (ALBEF, BLIP): retrieval ranks each query's
+  # k best ITC candidates by the ITM score (eval/*_recall@K; the ITC-only recalls are
+  # eval/itc_*); 0 = ITC only. ALBEF and BLIP evaluate with k = 128 (Flickr30k) or 256 (COCO).
   c.eval = ml_collections.ConfigDict(dict(every_steps=5000, batch_size=512,
-                                          max_examples=dict(zeroshot=0, retrieval=0, vqa=0)))
+                                          max_examples=dict(zeroshot=0, retrieval=0, vqa=0,
+                                                            classification=0),
+                                          itm_rerank_k=128))
   return c

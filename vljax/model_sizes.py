@@ -136,3 +136,76 @@ def small_albef(config, scale: str) -> None:
                            text_depth=s["text_depth"], fusion_depth=s["fusion_depth"])
   config.loss.queue_size = s["queue_size"]
   _small_run(config, s)
+
+
+# Small BLIP sizes: the small ALBEF's ViT and width, and one stack of text layers (run as the
+# unimodal encoder, the image-grounded encoder and the decoder) as deep as ALBEF's text and
+# fusion layers together. alpha ramps over the first tenth of the steps (BLIP: 2 of 20 epochs).
+SMALL_BLIP = {
+    "laptop": dict(image_size=32, patch=8, width=128, depth=4, mlp_dim=512, heads=4,
+                   text_depth=4, max_len=24, embed_dim=128, batch_size=128, queue_size=1024,
+                   alpha_ramp_steps=60, total_steps=600, warmup_steps=60, lr=1e-3,
+                   log_every=50, eval_every=300, ckpt_every=300),
+    "tiny": dict(image_size=16, patch=8, width=32, depth=1, mlp_dim=64, heads=2, text_depth=1,
+                 max_len=8, embed_dim=32, batch_size=16, queue_size=32, alpha_ramp_steps=2,
+                 total_steps=4, warmup_steps=1, lr=1e-3, log_every=1, eval_every=-1,
+                 ckpt_every=2),
+}
+
+
+def small_blip(config, scale: str) -> None:
+  """Fills `config` (a base_train_config) with one of the SMALL_BLIP sizes."""
+  if scale not in SMALL_BLIP:
+    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
+                                f"{', '.join(SMALL_BLIP)}.")
+  s = SMALL_BLIP[scale]
+  config.model.image = dict(width=s["width"], depth=s["depth"], mlp_dim=s["mlp_dim"],
+                            num_heads=s["heads"], patch_size=(s["patch"], s["patch"]),
+                            posemb="learn")
+  config.model.text = dict(width=s["width"], mlp_dim=s["mlp_dim"], num_heads=s["heads"],
+                           depth=s["text_depth"])
+  config.loss.queue_size = s["queue_size"]
+  config.loss.alpha_ramp_steps = s["alpha_ramp_steps"]
+  _small_run(config, s)
+
+
+# Fine-tuning the small ALBEF models on SNLI-VE / NLVR2 (configs/snli_ve.py, configs/nlvr2.py):
+# the pretraining run's architecture and data sizes, a shorter schedule at a lower rate.
+SMALL_ALBEF_FINETUNE = {
+    "laptop": dict(SMALL_ALBEF["laptop"], total_steps=300, warmup_steps=30, lr=3e-4,
+                   eval_every=150, ckpt_every=300),
+    "tiny": dict(SMALL_ALBEF["tiny"]),
+}
+
+
+def small_albef_finetune(config, scale: str) -> None:
+  """The schedule of SMALL_ALBEF_FINETUNE[scale] on a config that already has the SMALL_ALBEF
+  architecture of `scale` (configs/albef.py's)."""
+  if scale not in SMALL_ALBEF_FINETUNE:
+    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
+                                f"{', '.join(SMALL_ALBEF_FINETUNE)}.")
+  _small_run(config, SMALL_ALBEF_FINETUNE[scale])
+
+
+# Small VLMo sizes: one Multiway stack of the small ViT's width and depth whose top block has the
+# vision-language expert (VLMo-Base: 12 blocks, the top 2 with it).
+SMALL_VLMO = {
+    "laptop": dict(image_size=32, patch=8, width=128, depth=4, vl_depth=1, mlp_dim=512,
+                   heads=4, max_len=24, embed_dim=128, batch_size=128, total_steps=600,
+                   warmup_steps=60, lr=1e-3, log_every=50, eval_every=300, ckpt_every=300),
+    "tiny": dict(image_size=16, patch=8, width=32, depth=2, vl_depth=1, mlp_dim=64, heads=2,
+                 max_len=8, embed_dim=32, batch_size=16, total_steps=4, warmup_steps=1,
+                 lr=1e-3, log_every=1, eval_every=-1, ckpt_every=2),
+}
+
+
+def small_vlmo(config, scale: str) -> None:
+  """Fills `config` (a base_train_config) with one of the SMALL_VLMO sizes."""
+  if scale not in SMALL_VLMO:
+    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
+                                f"{', '.join(SMALL_VLMO)}.")
+  s = SMALL_VLMO[scale]
+  config.model.transformer = dict(patch_size=s["patch"], width=s["width"], depth=s["depth"],
+                                  vl_depth=s["vl_depth"], mlp_dim=s["mlp_dim"],
+                                  num_heads=s["heads"])
+  _small_run(config, s)

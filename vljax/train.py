@@ -576,8 +576,7 @@ def make_iterator(config, source, tokenizer, objective):
       process_index=jax.process_index(), process_count=jax.process_count(),
       worker_count=data.worker_count,
       image_options=preprocess.image_options_from_config(data, data.image_size, train=True),
-      text_options=preprocess.TextOptions(lowercase=bool(data.get("lowercase", False)),
-                                          canonicalize=bool(data.get("canonicalize", False))),
+      text_options=preprocess.text_options_from_config(data),
       normalize=False,  # uint8 to the device; the step normalises (normalize_on_device)
       fields_fn=objective.batch_from_examples)
 

@@ -26,7 +26,8 @@ from vljax.data import formats
 from vljax.data import sources
 
 
-def _encodable(record: dict[str, Any], image_format: str) -> dict[str, Any]:
+def encodable(record: dict[str, Any], image_format: str) -> dict[str, Any]:
+  """The record with its image as encoded bytes and its caption(s) as str (for serialize)."""
   image = record['image']
   if image is None:
     raise ValueError('no image')
@@ -60,7 +61,7 @@ def convert(spec: str, dst: str, num_shards: int = 1,
         try:
           if 'error' in record:
             raise ValueError(record['error'])
-          writer.write(formats.serialize(_encodable(record, image_format)))
+          writer.write(formats.serialize(encodable(record, image_format)))
           written += 1
         except (ValueError, TypeError, UnicodeDecodeError) as e:
           skipped += 1

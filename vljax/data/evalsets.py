@@ -9,6 +9,9 @@ config.data.eval names one source used for everything it can serve:
 config.data.eval_zeroshot / eval_retrieval, when set, name the source of that task instead.
 config.data.eval_vqa, when set, names a visual question answering set (a jsonl with questions
 and answers, vqav2 with annotations, synthetic?task=vqa); no other source serves VQA.
+config.data.eval_classification, when set, names a SNLI-VE or NLVR2 set (snli_ve:, nlvr2:, a
+jsonl with hypotheses or statements, synthetic?task=snli_ve / nlvr2), scored by the fine-tuning
+objectives (vljax.evals.classification).
 
 Every set is scored whole unless `max_examples` (config.eval.max_examples) caps it: then a
 random sample of that many records, drawn with config.data.seed, is read (`sample_indices`),
@@ -24,9 +27,9 @@ import ml_collections
 import numpy as np
 
 from vljax.configlib import ConfigError
-from vljax.data import pipeline, preprocess, sources
+from vljax.data import formats, pipeline, preprocess, sources
 
-TASKS = ("zeroshot", "retrieval", "vqa")
+TASKS = ("zeroshot", "retrieval", "vqa", "classification")
 
 
 def _get(data_config, key: str, default: Any = None) -> Any:
@@ -51,8 +54,9 @@ def sample_indices(num_records: int, max_examples: int, seed: int) -> np.ndarray
 
 
 def _load(data_config, spec: str, tokenizer, require_caption: bool, max_examples: int,
-          vqa: bool = False):
-  """(source, load_eval_data's dict); `vqa`: records need a question and answers instead."""
+          vqa: bool = False, statement: bool = False):
+  """(source, load_eval_data's dict); `vqa`: records need a question and answers instead;
+  `statement`: a hypothesis or statement instead (and both images, if the first has two)."""
   if "|" in spec:
     raise ConfigError(f"Evaluation data cannot be a mixture: {spec!r}.")
   source = sources.get_source(spec, "heldout", data_config.image_size, data_config.seed,
@@ -62,13 +66,15 @@ def _load(data_config, spec: str, tokenizer, require_caption: bool, max_examples
                       f"score against; add ?annotations=v2_mscoco_<subtype>_annotations.json "
                       f"(questions without answers serve prediction only).")
   indices = sample_indices(len(source), max_examples, data_config.seed)
+  pair = statement and formats.SafeSource(source)[0].get("image2") is not None
   data = pipeline.load_eval_data(
       source, tokenizer, image_size=data_config.image_size, max_len=data_config.max_len,
       indices=indices, normalize=False,
       image_options=preprocess.image_options_from_config(data_config, data_config.image_size,
                                                          train=False),
       text_options=_text_options(data_config), require_caption=require_caption,
-      require_question=vqa, require_answers=vqa)
+      require_question=vqa, require_answers=vqa, require_statement=statement,
+      require_pair=pair)
   sampled = "every record" if indices is None else (
       f"a random sample of {len(indices)} (seed {data_config.seed})")
   logging.info("Eval source %s: %d usable examples of %d records (%s), %d bad skipped.",
@@ -148,6 +154,26 @@ def vqa_set(data_config, spec: str, tokenizer, max_examples: int = 0) -> dict[st
           **_bookkeeping(spec, data)}
 
 
+def classification_set(data_config, spec: str, tokenizer, max_examples: int = 0
+                       ) -> dict[str, Any]:
+  """{'image' (uint8 [N, H, W, 3]), 'image2' (for pairs: when the source's first record has
+  a second image, every record needs one), 'statement' ([str] * N, the hypothesis or
+  statement cleaned like training's), 'label' (int32 [N]), 'record_index', 'image_options',
+  'spec', 'skipped'}. Records without a usable statement, image or label are skipped."""
+  _, data = _load(data_config, spec, tokenizer, require_caption=False,
+                  max_examples=max_examples, statement=True)
+  keep = np.flatnonzero(data["label"] >= 0)
+  out = {"statement": [data["statement"][i] for i in keep],
+         **{k: np.asarray(data[k])[keep] for k in ("image", "image2", "label", "record_index")
+            if k in data},
+         **_bookkeeping(spec, data)}
+  out["skipped"] += len(data["label"]) - len(keep)
+  if not len(keep):
+    raise ConfigError(f"Classification eval source {spec!r} (config.data.eval_classification) "
+                      f"has no record with a label.")
+  return out
+
+
 def _caps(eval_config: Mapping[str, Any] | None) -> dict[str, int]:
   """{'zeroshot': N, 'retrieval': N, 'vqa': N} from config.eval.max_examples (0 = whole set)."""
   given = eval_config.get("max_examples") if eval_config is not None else None
@@ -162,7 +188,7 @@ def _caps(eval_config: Mapping[str, Any] | None) -> dict[str, int]:
 
 def load_eval_sets(data_config: ml_collections.ConfigDict, tokenizer,
                    eval_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """The zero-shot, retrieval and VQA sets the config names.
+  """The zero-shot, retrieval, VQA and classification sets the config names.
 
   Args:
     data_config: config.data (sources, image and text options, seed of the samples).
@@ -179,6 +205,10 @@ def load_eval_sets(data_config: ml_collections.ConfigDict, tokenizer,
   out: dict[str, Any] = {}
   if vqa_spec:
     out["vqa"] = vqa_set(data_config, vqa_spec, tokenizer, caps["vqa"])
+  cls_spec = _get(data_config, "eval_classification", "")
+  if cls_spec:
+    out["classification"] = classification_set(data_config, cls_spec, tokenizer,
+                                               caps["classification"])
   if spec == "synthetic" and not zs_spec and not rt_spec and (
       caps["zeroshot"] == caps["retrieval"]):
     # The same held-out images serve both tasks (one caption per image); the evaluator embeds

@@ -19,6 +19,13 @@ also carry
 and may have no caption at all: a record is usable with a caption or a question. Which of
 the two a decoded example has decides its task (vljax.data.pipeline).
 
+Classification records (snli_ve, nlvr2, jsonl rows with these fields, synthetic?task=snli_ve /
+nlvr2) carry instead
+
+   'hypothesis' | 'statement': str   # the text to judge (SNLI-VE | NLVR2); no caption needed
+   'image2': bytes | np.ndarray      # NLVR2: the right image of the pair
+   'label': int                      # synthetic.ENTAILMENT_LABELS / NLVR2_LABELS id
+
 Readers that can read a record's texts without its image (jsonl, csv, webdataset, vqav2 and
 the synthetic source) also have `text_fields(index)`: the record's 'caption' and, where it has
 them, its 'question' and 'answers', as __getitem__ would return them (`text_fields_of` takes
@@ -53,10 +60,21 @@ import numpy as np
 
 from vljax import configlib
 from vljax.configlib import ConfigError
+from vljax.data import synthetic
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif')
 # The fields of a raw record that hold text (see `text_fields_of`).
-TEXT_FIELDS = ('caption', 'question', 'answers')
+TEXT_FIELDS = ('caption', 'question', 'answers', 'hypothesis', 'statement')
+# The text a classification record is judged by: SNLI-VE's hypothesis, NLVR2's statement.
+STATEMENT_FIELDS = ('hypothesis', 'statement')
+
+
+def statement_of(record: Any) -> Any:
+  """The record's hypothesis or statement (raw, as the reader gave it), or None."""
+  for name in STATEMENT_FIELDS:
+    if record.get(name) is not None:
+      return record[name]
+  return None
 
 
 class EmptySourceError(ConfigError):
@@ -321,6 +339,9 @@ class _TableSource:
   row that could not be parsed: reading it raises, so it is skipped and
   counted like any other bad record.
   """
+  # Whether rows may be classification records: a 'hypothesis' or 'statement' field, and
+  # 'image2' (a second image path) for pairs (jsonl).
+  classification = False
 
   def __init__(self, path: str, rows: list[Any], image_key: str,
                caption_key: str, label_key: str, question_key: str | None = None,
@@ -349,6 +370,9 @@ class _TableSource:
   def _texts_of_row(self, row: dict[str, Any]) -> dict[str, Any]:
     """The text fields of a row as a raw record has them; raises on unusable answers."""
     fields: dict[str, Any] = {'caption': row.get(self.caption_key)}
+    for name in STATEMENT_FIELDS if self.classification else ():
+      if row.get(name) is not None:
+        fields[name] = row[name]
     if self.question_key is not None and self.question_key in row:
       fields['question'] = row[self.question_key]
     if self.answers_key is not None and self.answers_key in row:
@@ -373,6 +397,10 @@ class _TableSource:
     record = {'key': f'{key} ({rel})', 'image': image,
               'label': int(label) if label not in (None, '') else -1,
               'image_id': str(rel)}
+    rel2 = row.get('image2') if self.classification else None
+    if rel2:  # the second image of a pair (NLVR2 rows)
+      with open(os.path.join(self.root, str(rel2)), 'rb') as f:
+        record['image2'] = f.read()
     record.update(self._texts_of_row(row))
     if 'answers' in record and isinstance(row.get('answer_type'), str):
       record['answer_type'] = row['answer_type']  # VQAv2-style rows: per-type accuracy
@@ -438,7 +466,11 @@ class JsonLines(_TableSource):
   VQA rows carry a question and its answers instead of (or besides) a caption:
   {"image": "a.jpg", "question": "what is it?", "answers": ["a dog", ...]}; answers may also be
   VQAv2 annotation objects [{"answer": "a dog", ...}, ...] (see `answer_list`).
+  Classification rows carry a 'hypothesis' (visual entailment: {"image", "hypothesis",
+  "label": 0 | 1 | 2}) or a 'statement' about two images ({"image", "image2", "statement",
+  "label": 0 | 1}); label ids as synthetic.ENTAILMENT_LABELS / NLVR2_LABELS.
   """
+  classification = True
 
   def __init__(self, path: str, image_key: str = 'image',
                caption_key: str = 'caption', label_key: str = 'label',
@@ -455,15 +487,7 @@ class JsonLines(_TableSource):
         must exist. Whatever is named, the records need a caption or a question field.
     """
     path = expand_paths(path)[0]
-    rows = []
-    with open(path, 'rb') as f:
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          rows.append((line_no, json.loads(line)))
-        except ValueError as e:  # keep the row: it is counted when read
-          rows.append((line_no, ValueError(f'invalid JSON line: {e}')))
+    rows = _json_rows(path)
     super().__init__(path, rows, image_key, caption_key, label_key, question_key,
                      answers_key)
     # Records may omit a field now and then (bad records), but when none of
@@ -481,14 +505,135 @@ class JsonLines(_TableSource):
     for option in wanted:
       if not any(keys[option] in r for r in objects):
         raise _missing_field_error('jsonl', path, option, keys[option], where, have)
-    # A caption record or a VQA record: one of the two text fields must be there.
-    if not any(caption_key in r or question_key in r for r in objects):
+    # A caption, VQA or classification record: one of the text fields must be there.
+    texts = (caption_key, question_key) + STATEMENT_FIELDS
+    if not any(k in r for r in objects for k in texts):
       have_text = ', '.join(repr(h) for h in have) or 'none'
       raise ConfigError(
           f'{path}: {where} has neither the caption field {caption_key!r} nor the question '
           f'field {question_key!r} (a record needs a caption or a question); the fields there '
           f'are {have_text}. Name the right one in the source spec: jsonl:{path}?caption=FIELD '
           f'or jsonl:{path}?question=FIELD (docs/data.md).')
+
+
+def _image_folder(spec: str, name: str, image_dir: str, holds: str) -> str:
+  """The `?images=DIR` of `spec`, expanded; ConfigError when not given, EmptySourceError when
+  it does not exist (`holds`: what it should hold, for the messages)."""
+  if not image_dir:
+    raise ConfigError(f'{spec} needs the image folder: add ?images=DIR (the folder of '
+                      f'{holds}).')
+  path = os.path.expanduser(image_dir)
+  if not os.path.isdir(path):
+    raise EmptySourceError(f'{name} image folder {image_dir!r} does not exist (it should '
+                           f'hold {holds}).')
+  return path
+
+
+def _json_rows(path: str) -> list[tuple[int, Any]]:
+  """(line number, parsed object) of each non-blank line; a line that is not JSON keeps its
+  ValueError, so it is a bad record when read, not a failure of the whole file."""
+  rows = []
+  with open(path, 'rb') as f:
+    for line_no, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rows.append((line_no, json.loads(line)))
+      except ValueError as e:  # keep the row: it is counted when read
+        rows.append((line_no, ValueError(f'invalid JSON line: {e}')))
+  return rows
+
+
+class _OfficialLines(_TableSource):
+  """Json lines of a classification benchmark with its images in one folder (SNLI-VE, NLVR2).
+
+  Subclasses name the fields every record needs (FIELDS), which of them holds the text and
+  under which raw-record name (TEXT), and turn a row into the rest of a raw record
+  (`_record`); the checks and the bad-record handling are shared.
+  """
+  KIND = ''
+  FIELDS: tuple[str, ...] = ()
+  TEXT = ('', '')  # (field of the file, raw-record name)
+  LABEL = ''  # the field holding the label name
+  LABELS: tuple[str, ...] = ()  # label names in id order
+  IMAGES = ''  # what the image folder holds, for messages
+
+  def __init__(self, path: str, image_dir: str):
+    path = expand_paths(path)[0]
+    super().__init__(path, _json_rows(path), '', '', '')
+    self.image_dir = _image_folder(f'{self.KIND}:{path}', self.KIND, image_dir, self.IMAGES)
+    objects = [r for _, r in self.rows[:_FIELD_SCAN] if isinstance(r, dict)]
+    have = sorted({k for r in objects for k in r})
+    for field in self.FIELDS:
+      if objects and not any(field in r for r in objects):
+        raise ConfigError(f'{path}: none of the first {len(objects)} records has the field '
+                          f'{field!r} of the official {self.KIND} files; the fields there '
+                          f'are {", ".join(map(repr, have)) or "none"} (docs/data.md).')
+
+  def _field(self, row: dict[str, Any], name: str) -> Any:
+    if row.get(name) is None:
+      raise KeyError(f'no {name!r} field')
+    return row[name]
+
+  def _read(self, *parts: str) -> bytes:
+    with open(os.path.join(self.image_dir, *parts), 'rb') as f:
+      return f.read()
+
+  def _texts(self, row: dict[str, Any]) -> dict[str, Any]:
+    return {'caption': None, self.TEXT[1]: self._field(row, self.TEXT[0])}
+
+  def text_fields(self, index: int) -> dict[str, Any]:
+    return self._texts(self._row(index)[1])
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    line, row = self._row(index)
+    label = str(self._field(row, self.LABEL))
+    if label not in self.LABELS:
+      raise ValueError(f'{self.LABEL} {label!r:.40} is not one of {", ".join(self.LABELS)}')
+    record = {**self._texts(row), **self._record(row), 'label': self.LABELS.index(label)}
+    record['key'] = f'{os.path.basename(self.path)}:{line} ({record["image_id"]})'
+    return record
+
+
+class SnliVe(_OfficialLines):
+  """`snli_ve:snli_ve_{train,dev,test}.jsonl?images=DIR`: the official SNLI-VE files.
+
+  Each line: {"Flikr30kID": "3416050480" (the Flickr30k image, with or without ".jpg"),
+  "sentence2": the hypothesis, "gold_label": "entailment" | "neutral" | "contradiction",
+  "pairID": ...}; DIR holds the Flickr30k images {Flikr30kID}.jpg. The label id follows
+  synthetic.ENTAILMENT_LABELS (0 entailment, 1 neutral, 2 contradiction).
+  """
+  KIND = 'snli_ve'
+  FIELDS = ('Flikr30kID', 'sentence2', 'gold_label')
+  IMAGES = 'the Flickr30k images <Flikr30kID>.jpg'
+  TEXT = ('sentence2', 'hypothesis')
+  LABEL, LABELS = 'gold_label', synthetic.ENTAILMENT_LABELS
+
+  def _record(self, row: dict[str, Any]) -> dict[str, Any]:
+    image_id = str(self._field(row, 'Flikr30kID'))
+    name = image_id if image_id.endswith('.jpg') else f'{image_id}.jpg'
+    return {'image': self._read(name), 'image_id': image_id}
+
+
+class Nlvr2(_OfficialLines):
+  """`nlvr2:{train,dev,test1}.json?images=DIR`: the official NLVR2 json lines.
+
+  Each line: {"identifier": "dev-850-0-0" (split-set-pair-sentence), "sentence": the
+  statement, "label": "True" | "False", "directory": N (train only)}. The pair's images are
+  {stem}-img0.png (left) and {stem}-img1.png (right), stem = the identifier without its last
+  "-N", in DIR (train: DIR/{directory}/). Label id 1 = True (synthetic.NLVR2_LABELS).
+  """
+  KIND = 'nlvr2'
+  FIELDS = ('identifier', 'sentence', 'label')
+  IMAGES = '<identifier stem>-img0.png / -img1.png (train: in subfolders <directory>/)'
+  TEXT = ('sentence', 'statement')
+  LABEL, LABELS = 'label', synthetic.NLVR2_LABELS
+
+  def _record(self, row: dict[str, Any]) -> dict[str, Any]:
+    stem = str(self._field(row, 'identifier')).rsplit('-', 1)[0]
+    folder = () if row.get('directory') is None else (str(row['directory']),)
+    return {'image': self._read(*folder, f'{stem}-img0.png'),
+            'image2': self._read(*folder, f'{stem}-img1.png'), 'image_id': stem}
 
 
 class Csv(_TableSource):
@@ -619,13 +764,8 @@ class VQAv2:
                         f'file name v2_OpenEnded_mscoco_<subtype>_questions.json.')
     self.data_subtype = str(subtype)
     self.image_subtype = _VQAV2_IMAGE_SUBTYPES.get(self.data_subtype, self.data_subtype)
-    if not image_dir:
-      raise ConfigError(f'vqav2:{questions_path} needs the image folder: add '
-                        f'?images=DIR (the folder of COCO_{self.image_subtype}_*.jpg).')
-    self.image_dir = os.path.expanduser(image_dir)
-    if not os.path.isdir(self.image_dir):
-      raise EmptySourceError(f'VQAv2 image folder {image_dir!r} does not exist (it should '
-                             f'hold COCO_{self.image_subtype}_*.jpg).')
+    self.image_dir = _image_folder(f'vqav2:{questions_path}', 'VQAv2', image_dir,
+                                   f'COCO_{self.image_subtype}_*.jpg')
     # (question_id, image_id, question); a malformed entry keeps its Nones and is a bad
     # record when read.
     self._questions = [

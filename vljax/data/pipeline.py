@@ -14,7 +14,10 @@ decoded by a thread pool and images can stay uint8 until they are embedded.
 A source is anything with `__len__` and `__getitem__(index)` returning a raw
 record (vljax.data.formats): 'image' (encoded bytes, or uint8 [H, W, 3] /
 [H, W]), 'caption' (str, bytes or a list of them) and optionally 'label'
-(int; -1 when absent) and 'key' (names the record in logs).
+(int; -1 when absent) and 'key' (names the record in logs). Classification records
+(SNLI-VE, NLVR2) carry a 'hypothesis' or 'statement' to judge (it becomes the decoded
+example's 'statement'; the caption is then optional), and NLVR2's a second image 'image2',
+decoded with the same options into 'image2' / 'brightness2'.
 """
 
 from __future__ import annotations
@@ -137,8 +140,15 @@ class _Preprocess(grain.transforms.MapWithIndex):
       image = preprocess.decode_image(element.get('image'), draft)
       pixels, delta = preprocess.augment_image(image, self._image, rng)
       # uint8 pixels: normalisation happens per batch in `_collate`.
-      return {'image': pixels, 'brightness': delta, **texts,
-              'label': np.int32(element.get('label', -1))}
+      example = {'image': pixels, 'brightness': delta, **texts,
+                 'label': np.int32(element.get('label', -1))}
+      if element.get('image2') is not None:
+        # The second image of a pair: the same options, its own augmentation stream.
+        rng2 = (np.random.default_rng([self._seed, index, 0x5EED2])
+                if self._image.random else None)
+        example['image2'], example['brightness2'] = preprocess.augment_image(
+            preprocess.decode_image(element['image2'], draft), self._image, rng2)
+      return example
     except Exception as e:  # pylint: disable=broad-except
       # One unusable record must never stop the run.
       reason = str(e) if isinstance(e, preprocess.BadRecord) else (
@@ -147,12 +157,20 @@ class _Preprocess(grain.transforms.MapWithIndex):
 
   def _texts(self, element: Mapping[str, Any], caption_rng: np.random.Generator | None
              ) -> dict[str, Any]:
-    """{'caption'} of a caption record; {'caption', 'question', 'answers'} of a VQA one.
+    """{'caption'} of a caption record; {'caption', 'question', 'answers'} of a VQA one;
+    {'caption', 'statement'} of a classification one.
 
     A usable question makes the example a VQA example (its caption, if any, is kept, else
     ''); the answers are cleaned like captions, and in training a question needs at least
-    one. Otherwise the caption must be usable. Raises BadRecord with the reason.
+    one. A record with a statement (formats.statement_of) needs it usable and nothing else.
+    Otherwise the caption must be usable. Raises BadRecord with the reason.
     """
+    statement = formats.statement_of(element)
+    if statement is not None:
+      found = preprocess.captions_list(
+          preprocess.pick_caption(element.get('caption'), caption_rng), self._text)
+      return {'caption': found[0] if found else '',
+              'statement': preprocess.clean_caption(statement, self._text)}
     question = element.get('question')
     if question is not None:
       try:
@@ -202,13 +220,22 @@ def _collate(elements: Sequence[Mapping[str, Any]],
   example's brightness delta ('brightness', float32 [B]) for normalisation on the device
   (a quarter of the bytes to transfer).
   """
-  pixels = np.stack([e['image'] for e in elements])
-  delta = np.asarray([e['brightness'] for e in elements], np.float32)
   batch = dict(fields_fn(elements))
-  if normalize:
-    batch['image'] = preprocess.normalize(pixels, image_options, delta)
-  else:
-    batch['image'], batch['brightness'] = pixels, delta
+  # Pairs (NLVR2) add 'image2' / 'brightness2' alike.
+  for image, brightness in (('image', 'brightness'), ('image2', 'brightness2')):
+    have = sum(image in e for e in elements)
+    if not have:
+      continue
+    if have < len(elements):
+      raise ValueError(f'A batch mixes {have} records with {image!r} and '
+                       f'{len(elements) - have} without: a source of image pairs (NLVR2) needs '
+                       f'both images in every record.')
+    pixels = np.stack([e[image] for e in elements])
+    delta = np.asarray([e[brightness] for e in elements], np.float32)
+    if normalize:
+      batch[image] = preprocess.normalize(pixels, image_options, delta)
+    else:
+      batch[image], batch[brightness] = pixels, delta
   return batch
 
 
@@ -463,6 +490,8 @@ class _EvalExample:
   question: str = ''
   answers: list[str] = dataclasses.field(default_factory=list)
   answer_type: str = ''
+  statement: str = ''
+  pixels2: np.ndarray | None = None
   error: str | None = None
 
 
@@ -470,7 +499,8 @@ def _read_eval_example(safe: formats.SafeSource, index: int,
                        image_opts: preprocess.ImageOptions,
                        text_opts: preprocess.TextOptions,
                        require_caption: bool, require_question: bool = False,
-                       require_answers: bool = False) -> _EvalExample:
+                       require_answers: bool = False, require_statement: bool = False,
+                       require_pair: bool = False) -> _EvalExample:
   """Reads, decodes and resizes record `index` (uint8); never raises."""
   record = safe[index]
   key = str(record.get('key', index))
@@ -491,13 +521,21 @@ def _read_eval_example(safe: formats.SafeSource, index: int,
     answers = [a.strip() for a in formats.answer_list(record.get('answers')) if a.strip()]
     if not answers and require_answers:
       raise preprocess.BadRecord('no answers')
+    found = preprocess.captions_list(formats.statement_of(record), text_opts)
+    statement = found[0] if found else ''
+    if not statement and require_statement:
+      raise preprocess.BadRecord('no usable hypothesis or statement')
+    if require_pair and record.get('image2') is None:
+      raise preprocess.BadRecord('no second image (image2)')
     pixels = eval_pixels(record.get('image'), image_opts)
+    pixels2 = eval_pixels(record['image2'], image_opts) if require_pair else None
     image_id = record.get('image_id', record.get('key', index))
     answer_type = record.get('answer_type')
     return _EvalExample(key=key, pixels=pixels,
                         label=int(record.get('label', -1)), captions=caps,
                         image_id=str(image_id), question=question, answers=answers,
-                        answer_type=answer_type if isinstance(answer_type, str) else '')
+                        answer_type=answer_type if isinstance(answer_type, str) else '',
+                        statement=statement, pixels2=pixels2)
   except Exception as e:  # pylint: disable=broad-except
     # One unusable record must never stop an evaluation; it is counted instead.
     return _EvalExample(key=key, error=str(e))
@@ -533,7 +571,8 @@ def load_eval_data(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
                    text_options: preprocess.TextOptions | None = None,
                    require_caption: bool = True, normalize: bool = True,
                    num_threads: int | None = None, require_question: bool = False,
-                   require_answers: bool = False) -> dict[str, Any]:
+                   require_answers: bool = False, require_statement: bool = False,
+                   require_pair: bool = False) -> dict[str, Any]:
   """The usable examples of a source (or of the records `indices`), in order.
 
   Records are read, decoded and resized by a pool of `num_threads` threads;
@@ -560,6 +599,9 @@ def load_eval_data(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
       decodes in this thread.
     require_question: a record without a usable question is bad (VQA sets).
     require_answers: a record without a (non-empty) answer is bad (VQA evaluation).
+    require_statement: a record without a usable hypothesis / statement is bad (SNLI-VE,
+      NLVR2 evaluation).
+    require_pair: a record without a second image is bad; the result then has 'image2'.
 
   Returns:
     {'image': float32 (or uint8) [N, H, W, 3], 'text': int32 [N, max_len]
@@ -568,7 +610,9 @@ def load_eval_data(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
     list of N str, 'question': list of N str (cleaned with `text_options`; ''
     when the record has none), 'answers': list of N lists of str (the human
     answers, stripped but otherwise as given; [] when none), 'answer_type':
-    list of N str ('' when unknown), 'record_index': int64 [N] (source index
+    list of N str ('' when unknown), 'statement': list of N str (the hypothesis or
+    statement, cleaned like captions; '' when none), with require_pair 'image2' (uint8 or
+    float32 like 'image'), 'record_index': int64 [N] (source index
     of each example), 'skipped': int (bad records among those read),
     'image_options': the ImageOptions the images were (or are to be)
     normalised with}.
@@ -597,12 +641,14 @@ def load_eval_data(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
   read = functools.partial(_read_eval_example, safe, image_opts=image_opts,
                            text_opts=text_opts, require_caption=require_caption,
                            require_question=require_question,
-                           require_answers=require_answers)
+                           require_answers=require_answers,
+                           require_statement=require_statement, require_pair=require_pair)
 
   # Filled in place, so the pixels are never held twice (a list plus a stack).
   pixels = np.empty((wanted, image_size, image_size, 3), np.uint8)
+  pixels2 = np.empty_like(pixels) if require_pair else None
   labels, captions, ids, kept = [], [], [], []
-  questions, answers, answer_types = [], [], []
+  questions, answers, answer_types, statements = [], [], [], []
   skipped = 0
   pool = (concurrent.futures.ThreadPoolExecutor(threads, 'vljax-eval-decode')
           if threads > 1 else None)
@@ -620,6 +666,9 @@ def load_eval_data(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
                             example.error)
           continue
         pixels[len(kept)] = example.pixels
+        if pixels2 is not None:
+          pixels2[len(kept)] = example.pixels2
+        statements.append(example.statement)
         labels.append(example.label)
         captions.append(example.captions)
         ids.append(example.image_id)
@@ -642,16 +691,20 @@ def load_eval_data(source: Any, tokenizer: tokenizer_lib.Tokenizer, *,
                     source)
   # A view: rows left over by bad records stay allocated, but are few.
   pixels = pixels[:len(kept)]
-  if normalize:
+
+  def as_inputs(pixels: np.ndarray) -> np.ndarray:
+    if not normalize:
+      return pixels
     images = np.empty(pixels.shape, np.float32)
     for start in range(0, len(images), 1024):  # bounded float temporaries
       images[start:start + 1024] = preprocess.normalize(
           pixels[start:start + 1024], image_opts)
-  else:
-    images = pixels
+    return images
+
   first = [c[0] if c else '' for c in captions]
+  pair = {} if pixels2 is None else {'image2': as_inputs(pixels2[:len(kept)])}
   return {
-      'image': images,
+      'image': as_inputs(pixels), **pair, 'statement': statements,
       'text': tokenizer.encode(first, max_len),
       'label': np.asarray(labels, dtype=np.int32),
       'caption': first, 'captions': captions, 'image_id': ids,

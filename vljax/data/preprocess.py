@@ -281,3 +281,9 @@ def image_options_from_config(data_config: Mapping[str, Any], size: int,
         hflip=bool(aug.get('hflip', False)),
         brightness=float(aug.get('brightness', 0.0)))
   return ImageOptions(**kwargs)
+
+
+def text_options_from_config(data_config: Mapping[str, Any]) -> TextOptions:
+  """TextOptions from config.data (lowercase, canonicalize)."""
+  get = lambda k: bool(data_config.get(k, False)) if hasattr(data_config, 'get') else False
+  return TextOptions(lowercase=get('lowercase'), canonicalize=get('canonicalize'))

@@ -3,11 +3,15 @@
 Spec strings, `KIND:ARG[?name=value&name=value]`:
   synthetic                      the embedded synthetic dataset
   synthetic?task=vqa             the same images and captions, each with a question and answers
+  synthetic?task=snli_ve         ... each with a hypothesis and an entailment label
+  synthetic?task=nlvr2           pairs of images with a True/False statement about the pair
   webdataset:GLOB                img2dataset-style tar shards ({00000..01242}, * and ? work)
   jsonl:PATH, csv:PATH           one record per line: image path (relative to the file) + caption
                                  (jsonl: or a question and its answers)
   vqav2:QUESTIONS_JSON?annotations=ANNOTATIONS_JSON&images=IMAGE_DIR
                                  the official VQAv2 question / annotation files and COCO images
+  snli_ve:JSONL?images=DIR       the official SNLI-VE json lines and the Flickr30k images
+  nlvr2:JSON?images=DIR          the official NLVR2 json lines and the pairs' images
   arrayrecord:GLOB               shards written by `python -m vljax.data.convert`
   tfds:NAME[:SPLIT]              a prepared TFDS dataset (in config.data.tfds_data_dir)
   imagefolder:DIR                DIR/CLASS/*.jpg, for zero-shot classification
@@ -73,8 +77,9 @@ COMMON_OPTIONS: dict[str, Option] = {}
 # `option_values(...)[name]` where the source is built, and a row in docs/data.md.
 OPTIONS: dict[str, dict[str, Option]] = {
     "synthetic": {"task": Option(
-        "caption", "caption | vqa: vqa adds a question about the image and its answers to "
-        "every record (same images and captions)", _task)},
+        "caption", "caption | vqa | snli_ve | nlvr2: vqa adds a question about the image and "
+        "its answers to every record (same images and captions), snli_ve a hypothesis and an "
+        "entailment label; nlvr2 gives pairs of images with a statement", _task)},
     "webdataset": {"caption": Option(
         "caption", "field of KEY.json holding the caption; when given, it is read even "
         "where a KEY.txt exists")},
@@ -88,6 +93,9 @@ OPTIONS: dict[str, dict[str, Option]] = {
         "annotations": Option("", "the v2_mscoco_<subtype>_annotations.json of the questions "
                               "(without it: no answers, prediction only)"),
         "images": Option("", "the folder of the COCO images COCO_<subtype>_<id>.jpg")},
+    "snli_ve": {"images": Option("", "the folder of the Flickr30k images <Flikr30kID>.jpg")},
+    "nlvr2": {"images": Option("", "the folder of the pairs' images <stem>-img0.png / "
+                               "-img1.png (train: in its numbered subfolders)")},
 }
 KNOWN = tuple(OPTIONS)
 
@@ -96,7 +104,9 @@ KNOWN = tuple(OPTIONS)
 #   caption         and a usable caption (retrieval)
 #   caption_or_vqa  and a caption, or a question with at least one answer (training)
 #   vqa             and a question with at least one answer (VQA evaluation)
-REQUIREMENTS = ("image", "caption", "caption_or_vqa", "vqa")
+#   statement       and a usable hypothesis / statement (SNLI-VE, NLVR2 evaluation)
+# A record with a hypothesis or statement also satisfies caption_or_vqa (training).
+REQUIREMENTS = ("image", "caption", "caption_or_vqa", "vqa", "statement")
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -237,6 +247,10 @@ def get_source(spec: str, split: str, image_size: int, seed: int,
   if kind == "synthetic":
     return synthetic.SyntheticImageText(split=split, image_size=image_size, seed=seed,
                                         task=values["task"])
+  if kind == "snli_ve":
+    return formats.SnliVe(arg, values["images"])
+  if kind == "nlvr2":
+    return formats.Nlvr2(arg, values["images"])
   if kind == "vqav2":
     return formats.VQAv2(arg, annotations_path=values["annotations"],
                          image_dir=values["images"])
@@ -293,6 +307,11 @@ def _text_failure(record: Mapping[str, Any], require: str) -> None:
   if require == "image":
     return
   opts = preprocess.TextOptions()
+  statement = formats.statement_of(record)
+  if require == "statement" or (require == "caption_or_vqa" and statement is not None):
+    if not preprocess.captions_list(statement, opts):
+      raise preprocess.BadRecord(f"no usable hypothesis or statement (got {statement!r:.60})")
+    return
   question = record.get("question")
   has_question = question is not None and bool(preprocess.captions_list(question, opts))
   answers = preprocess.captions_list(
@@ -319,6 +338,8 @@ def _probe_failure(record: Mapping[str, Any], image_size: int,
     if "error" in record:
       raise preprocess.BadRecord(record["error"])
     preprocess.decode_image(record.get("image"), image_size)
+    if record.get("image2") is not None:  # the second image of a pair
+      preprocess.decode_image(record["image2"], image_size)
     _text_failure(record, require)
   except Exception as e:  # pylint: disable=broad-except
     # Whatever a reader or the decoder raises is this record's reason.
@@ -424,7 +445,8 @@ def check_config_sources(data_config: Mapping[str, Any], train: bool = True,
   """Checks config.data.train and the eval sources it names; {config key: opened source}.
 
   Training records need a caption or a question with answers; retrieval records a caption;
-  eval_vqa records a question with answers. Zero-shot sources (eval_zeroshot, and an `eval`
+  eval_vqa records a question with answers; eval_classification records a hypothesis or
+  statement (SNLI-VE, NLVR2). Zero-shot sources (eval_zeroshot, and an `eval`
   of kind imagefolder or tfds, which may be a classification set) are checked without
   requiring any text.
   """
@@ -439,8 +461,8 @@ def check_config_sources(data_config: Mapping[str, Any], train: bool = True,
       wanted.append(("eval", "heldout",
                      "image" if kind in ("imagefolder", "tfds") else "caption"))
     wanted += [(k, "heldout", need) for k, need in (
-        ("eval_zeroshot", "image"), ("eval_retrieval", "caption"), ("eval_vqa", "vqa"))
-               if get(k)]
+        ("eval_zeroshot", "image"), ("eval_retrieval", "caption"), ("eval_vqa", "vqa"),
+        ("eval_classification", "statement")) if get(k)]
   out = {}
   for key, split, need in wanted:
     out[f"config.data.{key}"] = check_source(

@@ -12,6 +12,14 @@ With task='vqa' every example also carries a question about its image and the an
 from a random stream of its own: the image and caption of an index are the same for both
 tasks.
 
+With task='snli_ve' (visual entailment) every example also carries a 'hypothesis' about its
+image and a 'label' (ENTAILMENT_LABELS: 0 entailment, 1 neutral, 2 contradiction) instead of
+the class, drawn from a stream of its own (the image and caption stay those of the caption
+task). With task='nlvr2' every example is a PAIR of images ('image', 'image2', each drawn and
+rendered like an ordinary example from a stream of its own) and a 'statement' about the pair
+with a 'label' (NLVR2_LABELS: 0 False, 1 True). `visual_entailment(index)` and
+`pair_statement(index)` give the texts and labels without rendering (docs/fusion.md).
+
 The source follows grain's random-access protocol (`__len__`, `__getitem__`),
 so it plugs straight into `grain.MapDataset.source`.
 """
@@ -107,12 +115,29 @@ QUESTION_TEMPLATES: dict[str, tuple[str, ...]] = {
               'how many objects are in the image?'),
 }
 QUESTION_KINDS: tuple[str, ...] = tuple(QUESTION_TEMPLATES)
-TASKS: tuple[str, ...] = ('caption', 'vqa')
+TASKS: tuple[str, ...] = ('caption', 'vqa', 'snli_ve', 'nlvr2')
 # Synthetic annotators all agree: the answer, as many times as VQAv2 has human answers.
 NUM_ANSWERS = 10
 # Mixed into the seed of the question stream: SeedSequence([seed, split, index, _QUESTION_STREAM])
 # is independent of the image/caption stream SeedSequence([seed, split, index]).
 _QUESTION_STREAM = 0x9A
+# The visual-entailment hypothesis stream and the two image streams of an nlvr2 pair, likewise.
+_HYPOTHESIS_STREAM = 0x5E
+_PAIR_STREAMS = (0x1E, 0x2E)
+
+# Visual entailment (task='snli_ve'): SNLI-VE's label names, in id order.
+ENTAILMENT_LABELS: tuple[str, ...] = ('entailment', 'neutral', 'contradiction')
+# Predicates no image can decide (neutral about a shape that is there, contradiction about one
+# that is not).
+UNDECIDABLE_PREDICATES: tuple[str, ...] = (
+    'is made of wood', 'is heavy', 'is for sale', 'was drawn by a child', 'is new')
+# NLVR2 (task='nlvr2'): label 1 = the statement is true of the pair.
+NLVR2_LABELS: tuple[str, ...] = ('False', 'True')
+# Statement kinds about a pair; each names the colour or the shape of the coloured shapes.
+PAIR_KINDS: tuple[str, ...] = ('both', 'left_right', 'exactly_one', 'same')
+# Pairs of specs drawn per nlvr2 example until one fits its label (a True 'both red' needs
+# about 25); running out is astronomically unlikely and raises.
+_MAX_PAIR_DRAWS = 2000
 
 _DISTRACTOR_GREY = 90
 _DISTRACTOR_PROB = 0.5
@@ -188,7 +213,9 @@ class SyntheticImageText:
   Each example is a dict with 'image' (uint8 [H, W, 3]), 'caption' (str),
   'label' (np.int32) and 'key' (str, unique per (split, seed, index)); with
   task='vqa' also 'question' (str), 'answers' (NUM_ANSWERS copies of the answer)
-  and 'answer_type' (the question's kind, one of QUESTION_KINDS).
+  and 'answer_type' (the question's kind, one of QUESTION_KINDS); with task='snli_ve'
+  also 'hypothesis' (str), and 'label' is its ENTAILMENT_LABELS id; with task='nlvr2'
+  'image', 'image2', 'statement' and 'label' (its NLVR2_LABELS id), and no caption.
   """
 
   def __init__(self, split: str = 'train', image_size: int = 32,
@@ -203,7 +230,8 @@ class SyntheticImageText:
         (generated lazily, effectively infinite) and 512 for 'heldout'.
       seed: base seed; different seeds give different datasets.
       task: 'caption', or 'vqa' to add a question and its answers to every
-        example (images and captions stay the same).
+        example (images and captions stay the same), 'snli_ve' to add a hypothesis and
+        an entailment label, 'nlvr2' for pairs of images with a statement.
     """
     if task not in TASKS:
       raise ValueError(f'Unknown task {task!r}; expected one of {TASKS}.')
@@ -317,12 +345,105 @@ class SyntheticImageText:
     """The texts of example `index` as `__getitem__` has them, without rendering the image
     (tokenizer training): 'caption', and with task='vqa' 'question' and 'answers'."""
     index = self._check_index(index)
+    if self.task == 'nlvr2':
+      return {'caption': None, 'statement': self._pair(index)[2]}
     spec = self.describe(index)
     fields: dict[str, Any] = {'caption': spec.caption}
     if self.task == 'vqa':
       question, answer, _ = self._question(index, spec)
       fields.update(question=question, answers=[answer] * NUM_ANSWERS)
+    if self.task == 'snli_ve':
+      fields['hypothesis'] = self._hypothesis(index, spec)[0]
     return fields
+
+  def visual_entailment(self, index: int) -> tuple[str, int]:
+    """(hypothesis, ENTAILMENT_LABELS id) of example `index` (task='snli_ve' or not), without
+    rendering the image. Drawn from the hypothesis stream only."""
+    index = self._check_index(index)
+    return self._hypothesis(index, self.describe(index))
+
+  def _hypothesis(self, index: int, spec: ExampleSpec) -> tuple[str, int]:
+    """A hypothesis about `spec` and its label, balanced over ENTAILMENT_LABELS.
+
+    "the {subject} {predicate}": the subject names the colour, the shape or both; the
+    predicate states another attribute (colour, shape, size, position) or one that no image
+    shows (UNDECIDABLE_PREDICATES). Entailment: true subject, true predicate. Neutral: true
+    subject, undecidable predicate. Contradiction, half each: true subject with a false
+    predicate, or a false subject (no such shape) with an undecidable predicate. So the text
+    alone tells {entailment, contradiction} from {neutral, contradiction} (at most 2/3
+    accuracy); within each group only the image decides.
+    """
+    rng = np.random.default_rng(
+        [self.seed, _SPLIT_IDS[self.split], index, _HYPOTHESIS_STREAM])
+    label = int(rng.integers(len(ENTAILMENT_LABELS)))
+    subject_kinds = (('colour',), ('shape',), ('colour', 'shape'))[int(rng.integers(3))]
+    false_subject = label == 2 and rng.uniform() < 0.5
+    wrong = subject_kinds[int(rng.integers(len(subject_kinds)))] if false_subject else None
+    values = {'colour': spec.color, 'shape': spec.shape, 'size': spec.size,
+              'position': spec.region}
+    choices = {'colour': COLOR_NAMES, 'shape': SHAPES, 'size': tuple(_SIZE_WORDS),
+               'position': tuple(r for row in REGIONS for r in row)}
+
+    def value(kind: str, true: bool) -> str:
+      if true:
+        return values[kind]
+      others = [v for v in choices[kind] if v != values[kind]]
+      return others[int(rng.integers(len(others)))]
+
+    subj = {k: value(k, k != wrong) for k in subject_kinds}
+    subject = ' '.join(['the'] + [subj[k] for k in ('colour',) if k in subj] +
+                       [subj.get('shape', 'one')])
+    if label == 1 or false_subject:
+      predicate = UNDECIDABLE_PREDICATES[int(rng.integers(len(UNDECIDABLE_PREDICATES)))]
+    else:
+      kinds = [k for k in ('colour', 'shape', 'size', 'position') if k not in subject_kinds]
+      kind = kinds[int(rng.integers(len(kinds)))]
+      v = value(kind, label == 0)
+      if kind == 'shape':
+        predicate = f'is a {v}'
+      elif kind == 'size':
+        words = _SIZE_WORDS[v]
+        predicate = f'is {words[int(rng.integers(len(words)))]}'
+      elif kind == 'position':
+        phrases = _REGION_PHRASES[v]
+        predicate = f'is {phrases[int(rng.integers(len(phrases)))]}'
+      else:
+        predicate = f'is {v}'
+    return f'{subject} {predicate}', label
+
+  def pair_statement(self, index: int) -> tuple[ExampleSpec, ExampleSpec, str, int]:
+    """(left spec, right spec, statement, NLVR2_LABELS id) of nlvr2 example `index`, without
+    rendering the images."""
+    return self._pair(self._check_index(index))[:4]
+
+  def _pair(self, index: int):
+    """(left spec, right spec, statement, label, left rng, right rng) of pair `index`.
+
+    The statement (PAIR_KINDS about the colour or the shape, values uniform) and the label
+    (uniform) are drawn first, from the left stream, independently of each other: the text
+    alone predicts nothing. Then pairs of specs are drawn, each from its own stream, until
+    the statement's truth on the pair is the label; each rng then renders its image.
+    """
+    left, right = (np.random.default_rng([self.seed, _SPLIT_IDS[self.split], index, stream])
+                   for stream in _PAIR_STREAMS)
+    kind = PAIR_KINDS[int(left.integers(len(PAIR_KINDS)))]
+    attr = ('colour', 'shape')[int(left.integers(2))]
+    names = COLOR_NAMES if attr == 'colour' else SHAPES
+    v1, v2 = (names[int(left.integers(len(names)))] for _ in range(2))
+    label = int(left.integers(2))
+    noun = (lambda v: v) if attr == 'colour' else (lambda v: f'a {v}')
+    statement = {
+        'both': f'both images show {noun(v1)}',
+        'left_right': f'the left image shows {noun(v1)} and the right image shows {noun(v2)}',
+        'exactly_one': f'exactly one image shows {noun(v1)}',
+        'same': f'both images show the same {attr}',
+    }[kind]
+    for _ in range(_MAX_PAIR_DRAWS):
+      spec_l, spec_r = self._sample_spec(left), self._sample_spec(right)
+      if int(pair_truth(kind, attr, v1, v2, spec_l, spec_r)) == label:
+        return spec_l, spec_r, statement, label, left, right
+    raise RuntimeError(f'No image pair for {statement!r} (label {label}) in '
+                       f'{_MAX_PAIR_DRAWS} draws.')
 
   def describe(self, index: int) -> ExampleSpec:
     """The semantic content of example `index`, without rendering the image."""
@@ -356,6 +477,11 @@ class SyntheticImageText:
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = self._check_index(index)
+    if self.task == 'nlvr2':
+      spec_l, spec_r, statement, label, rng_l, rng_r = self._pair(index)
+      return {'image': self._render(spec_l, rng_l), 'image2': self._render(spec_r, rng_r),
+              'statement': statement, 'label': np.int32(label),
+              'key': f'synthetic/{self.split}/{self.seed}/{index}'}
     rng = self._rng(index)
     spec = self._sample_spec(rng)
     image = self._render(spec, rng)
@@ -369,7 +495,25 @@ class SyntheticImageText:
       question, answer, kind = self._question(index, spec)
       example.update(question=question, answers=[answer] * NUM_ANSWERS,
                      answer_type=kind)
+    if self.task == 'snli_ve':
+      hypothesis, label = self._hypothesis(index, spec)
+      example.update(hypothesis=hypothesis, label=np.int32(label))
     return example
+
+
+def pair_truth(kind: str, attr: str, v1: str, v2: str, left: ExampleSpec,
+               right: ExampleSpec) -> bool:
+  """Whether the PAIR_KINDS statement (`attr` 'colour' or 'shape', values v1, v2) holds."""
+  a, b = ((left.color, right.color) if attr == 'colour' else (left.shape, right.shape))
+  if kind == 'both':
+    return a == v1 and b == v1
+  if kind == 'left_right':
+    return a == v1 and b == v2
+  if kind == 'exactly_one':
+    return (a == v1) != (b == v1)
+  if kind == 'same':
+    return a == b
+  raise ValueError(f'Unknown statement kind {kind!r}; expected one of {PAIR_KINDS}.')
 
 
 def _answer(kind: str, spec: ExampleSpec) -> str:

@@ -7,7 +7,8 @@ Images are uint8 (normalised per batch with the set's 'image_options', default [
 already-normalised float32. A set may also carry 'spec' (the source string it came from) and
 'skipped' (bad records left out while loading).
 
-Objectives with embed_images/embed_texts get zero-shot top-1 and retrieval recall@{1,5,10};
+Objectives with embed_images/embed_texts get zero-shot top-1 and retrieval recall@{1,5,10}
+(objectives with an ITM head, itm_scores, rank ITC candidates by it: config.eval.itm_rerank_k);
 objectives with generate(params, images, max_len) get captioning CIDEr-D and BLEU-4 on the
 retrieval set's images against its captions; objectives that also ask questions (vqa_prefix) get
 VQA accuracy on the 'vqa' set ({'image', 'question', 'answers', 'answer_type'}). Every evaluation also reports what it scored
@@ -23,22 +24,30 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vljax.configlib import ConfigError
-from vljax.evals import common, retrieval, zeroshot
+from vljax.evals import common, rerank, retrieval, zeroshot
 
 
 class ContrastiveEvaluator:
   """Zero-shot top-1 and retrieval recall through the objective's embedding heads."""
 
   def __init__(self, objective, eval_sets: dict[str, Any], tokenizer, max_len: int,
-               mesh: Mesh, batch_size: int):
+               mesh: Mesh, batch_size: int, rerank_k: int = 0):
     self.sets = eval_sets
     self.mesh = mesh
     self.batch_size = batch_size
     self._embed_images = jax.jit(objective.embed_images)
     self._embed_texts = jax.jit(objective.embed_texts)
+    # Fusion objectives re-rank ITC candidates with their ITM head (vljax.evals.rerank).
+    self.rerank_k = 0
+    if rerank_k and hasattr(objective, "itm_scores") and "retrieval" in eval_sets:
+      self.rerank_k = rerank.check_k(rerank_k)
+      self._image_tokens = jax.jit(objective.encode_image_tokens)
+      self._itm_scores = jax.jit(lambda ctx, image_idx, text_idx: objective.itm_scores(
+          ctx[0], jnp.take(ctx[1], image_idx, axis=0), jnp.take(ctx[2], text_idx, axis=0)))
     self._prompt_tokens = self._captions = None
     self._counts: dict[str, float] = {}
     if "zeroshot" in eval_sets:
@@ -83,9 +92,30 @@ class ContrastiveEvaluator:
       zimg = self._embed(params, data, cache)
       ztxt = common.embed_all(self._embed_texts, params, self._captions, self.mesh,
                               self.batch_size)
-      metrics.update(retrieval.recall_metrics(zimg, ztxt, data["caption_image"], self.mesh,
-                                              captions=data["captions"]))
+      if not self.rerank_k:
+        metrics.update(retrieval.recall_metrics(zimg, ztxt, data["caption_image"], self.mesh,
+                                                captions=data["captions"]))
+      else:
+        metrics.update(retrieval.recall_metrics(zimg, ztxt, data["caption_image"], self.mesh,
+                                                prefix="eval/itc_", captions=data["captions"]))
+        metrics.update(rerank.reranked_recall_metrics(
+            self._pair_scorer(params, data), zimg, ztxt, data["caption_image"], self.rerank_k,
+            self.mesh, captions=data["captions"]))
+        metrics["eval/itm_rerank_k"] = float(self.rerank_k)
     return metrics
+
+  def _pair_scorer(self, params: Any, data: dict[str, Any]) -> rerank.PairScorer:
+    """ITM scores of (image, caption) index pairs of the retrieval set, in sharded batches."""
+    image_tokens = common.embed_images(self._image_tokens, params, data, self.mesh,
+                                       self.batch_size)
+    captions = jax.device_put(self._captions, NamedSharding(self.mesh, P()))
+
+    def score(image_idx: np.ndarray, text_idx: np.ndarray) -> np.ndarray:
+      out = common.embed_all(self._itm_scores, (params, image_tokens, captions),
+                             (image_idx.astype(np.int32), text_idx.astype(np.int32)),
+                             self.mesh, self.batch_size)
+      return np.asarray(multihost_utils.process_allgather(out, tiled=True))
+    return score
 
 
 class CaptioningEvaluator:
@@ -221,7 +251,8 @@ def build_evaluator(config, objective, eval_sets: dict[str, Any], tokenizer, mes
     decode_len = config.data.max_len
   if hasattr(objective, "embed_images") and hasattr(objective, "embed_texts"):
     parts.append(ContrastiveEvaluator(objective, eval_sets, tokenizer, config.data.max_len,
-                                      mesh, config.eval.batch_size))
+                                      mesh, config.eval.batch_size,
+                                      config.eval.get("itm_rerank_k", 0)))
     scored.update(k for k in eval_sets if k in ("zeroshot", "retrieval"))
   if hasattr(objective, "generate") and "retrieval" in eval_sets:
     scored.add("retrieval")
@@ -231,4 +262,9 @@ def build_evaluator(config, objective, eval_sets: dict[str, Any], tokenizer, mes
     scored.add("vqa")
     parts.append(VqaEvaluator(objective, eval_sets, tokenizer, decode_len, mesh,
                               config.eval.batch_size))
+  if hasattr(objective, "classify") and "classification" in eval_sets:
+    from vljax.evals import classification  # pylint: disable=g-import-not-at-top
+    scored.add("classification")
+    parts.append(classification.ClassificationEvaluator(
+        objective, eval_sets, tokenizer, config.data.max_len, mesh, config.eval.batch_size))
   return Evaluator(parts, mesh, rules, {name: eval_sets[name] for name in sorted(scored)})

@@ -17,7 +17,8 @@ Choices of this implementation (ALBEF uses BERT's post-LN layers):
 Parameter tree:
   img/...        VisionTransformer (pool_type 'tok')
   txt/...        text encoder: embedding, cls, pos_embedding, Encoder_0 (with encoder_norm)
-  fusion/...     fusionblock_{i} (DecoderBlock with cross-attention), fusion_norm
+  fusion/...     fusionblock_{i} (DecoderBlock with cross-attention; scanned: fusionblock),
+                 fusion_norm
   img_proj, txt_proj   width -> embed_dim (ITC)
   itm_head       width -> 2;   mlm_head   width -> vocab_size (float32 logits)
   temp           the ITC temperature (not its log), initialised to 0.07
@@ -39,12 +40,44 @@ Array = jax.Array
 Dtype = Any
 
 
-def _dense(features: int, names: tuple, name: str, dtype: Dtype, param_dtype: Dtype,
-           init=None) -> nn.Dense:
+def dense(features: int, names: tuple, name: str, dtype: Dtype, param_dtype: Dtype,
+          init=None) -> nn.Dense:
+  """A Dense layer whose kernel carries the logical `names` (bias: names[1:]); lecun-normal
+  kernel (or `init`) and zero bias."""
   return nn.Dense(
       features, dtype=dtype, param_dtype=param_dtype, name=name,
       kernel_init=layers.partitioned(init or nn.initializers.lecun_normal(), names),
       bias_init=layers.partitioned(nn.initializers.zeros, names[1:]))
+
+
+class ClsViT(vit.VisionTransformer):
+  """The fusion families' image encoder: a ViT whose output is every token, its [CLS] first.
+
+  Built from VisionTransformer keyword arguments (two_towers.tower_kwargs) with pool_type
+  'tok'; __call__ returns [B, 1 + n, Wi], what the fusion layers cross-attend to.
+  """
+
+  def __call__(self, images: Array, train: bool = False) -> Array:
+    cls, patches = super().__call__(images, train)
+    return jnp.concatenate([cls[:, None], patches], axis=1)
+
+
+def cls_vit(image: Mapping[str, Any], dtype: Dtype, param_dtype: Dtype) -> ClsViT:
+  """ClsViT from an image config (may hold 'variant'), called from a parent's setup."""
+  return ClsViT(**dict(two_towers.tower_kwargs(image, dtype, param_dtype), pool_type="tok"))
+
+
+def albef_encoders(image: Mapping[str, Any], text: Mapping[str, Any], dtype: Dtype,
+                   param_dtype: Dtype) -> tuple[ClsViT, "AlbefTextEncoder", "FusionEncoder"]:
+  """ALBEF's image encoder, text encoder and fusion layers, for a parent's setup to assign to
+  `img`, `txt` and `fusion` (the names an ALBEF checkpoint has)."""
+  t = dict(text)
+  common = dict(dropout=t.get("dropout", 0.0), remat=t.get("remat", False),
+                scan=t.get("scan", False), dtype=dtype, param_dtype=param_dtype)
+  return (cls_vit(image, dtype, param_dtype),
+          AlbefTextEncoder(t["vocab_size"], t["width"], t["text_depth"], t["mlp_dim"],
+                           t["num_heads"], t["max_len"], pad_id=t.get("pad_id", 0), **common),
+          FusionEncoder(t["fusion_depth"], t["mlp_dim"], t["num_heads"], **common))
 
 
 class AlbefTextEncoder(nn.Module):
@@ -102,12 +135,17 @@ def padding_mask(valid: Array) -> Array:
 
 
 class FusionEncoder(nn.Module):
-  """`depth` layers of (bidirectional self-attention, cross-attention to the image, MLP)."""
+  """`depth` layers of (bidirectional self-attention, cross-attention to the image, MLP).
+
+  Unrolled: parameters fusionblock_0 .. fusionblock_{depth-1}; scanned (scan=True): one
+  `fusionblock` with a leading depth axis (vljax.models.stacks converts between the two).
+  """
   depth: int
   mlp_dim: int
   num_heads: int
   dropout: float = 0.0
   remat: bool | str = False
+  scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -115,12 +153,19 @@ class FusionEncoder(nn.Module):
   def __call__(self, x: Array, valid: Array, image: Array, train: bool = False) -> Array:
     """x [B, T, W] text states, valid [B, T], image [B, n, Wi] -> fused [B, T, W] (final LN)."""
     # Arguments (self, x, mask, context, cache, position, train): `train` is static.
-    block_cls = stacks.block_class(layers.DecoderBlock, self.remat, False, (6,))
+    block_cls = stacks.block_class(layers.DecoderBlock, self.remat, self.scan, (6,))
     mask = padding_mask(valid)
-    for i in range(self.depth):
-      x, _ = block_cls(self.mlp_dim, self.num_heads, cross_attention=True,
-                       dropout=self.dropout, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name=f"fusionblock_{i}")(x, mask, image, None, None, train)
+    block = dict(cross_attention=True, dropout=self.dropout, dtype=self.dtype,
+                 param_dtype=self.param_dtype)
+    if self.scan:
+      b = nn.broadcast  # mask, image tokens, no cache, no position, train: the same per layer
+      x, _ = stacks.scanned(block_cls, self.depth, in_axes=(b, b, b, b, b))(
+          self.mlp_dim, self.num_heads, name="fusionblock", **block)(
+              x, mask, image, None, None, train)
+    else:
+      for i in range(self.depth):
+        x, _ = block_cls(self.mlp_dim, self.num_heads, name=f"fusionblock_{i}", **block)(
+            x, mask, image, None, None, train)
     return layers.layer_norm(self.dtype, self.param_dtype, name="fusion_norm")(x)
 
 
@@ -130,7 +175,7 @@ class Albef(nn.Module):
   Attributes:
     image: VisionTransformer kwargs (may hold 'variant'); pool_type is forced to 'tok'.
     text: width, mlp_dim, num_heads, text_depth, fusion_depth, vocab_size, max_len, pad_id
-      (and optionally dropout, remat, scan; scan applies to the text encoder only).
+      (and optionally dropout, remat, scan: for the text encoder and the fusion layers).
     embed_dim: ITC projection width.
     temperature_init: initial ITC temperature (ALBEF: 0.07).
   """
@@ -142,32 +187,22 @@ class Albef(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    image = two_towers.tower_kwargs(self.image, self.dtype, self.param_dtype)
-    image["pool_type"] = "tok"
-    self.img = vit.VisionTransformer(**image)
+    self.img, self.txt, self.fusion = albef_encoders(self.image, self.text, self.dtype,
+                                                     self.param_dtype)
     t = dict(self.text)
-    common = dict(dropout=t.get("dropout", 0.0), remat=t.get("remat", False), dtype=self.dtype,
-                  param_dtype=self.param_dtype)
-    self.txt = AlbefTextEncoder(
-        t["vocab_size"], t["width"], t["text_depth"], t["mlp_dim"], t["num_heads"],
-        t["max_len"], pad_id=t.get("pad_id", 0), scan=t.get("scan", False), **common)
-    self.fusion = FusionEncoder(t["fusion_depth"], t["mlp_dim"], t["num_heads"], **common)
     sizes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.img_proj = _dense(self.embed_dim, ("embed", None), "img_proj", **sizes)
-    self.txt_proj = _dense(self.embed_dim, ("embed", None), "txt_proj", **sizes)
-    self.itm_head = _dense(2, ("embed", None), "itm_head", **sizes)
+    self.img_proj = dense(self.embed_dim, ("embed", None), "img_proj", **sizes)
+    self.txt_proj = dense(self.embed_dim, ("embed", None), "txt_proj", **sizes)
+    self.itm_head = dense(2, ("embed", None), "itm_head", **sizes)
     # float32 logits: they feed a float32 log-softmax over the vocabulary.
-    self.mlm_head = _dense(t["vocab_size"], ("embed", "vocab"), "mlm_head", jnp.float32,
-                           self.param_dtype, nn.initializers.xavier_uniform())
-    self.temp = self.param("temp", layers.partitioned(
-        lambda _, shape, dtype: jnp.full(shape, self.temperature_init, dtype), ()),
-        (), self.param_dtype)
+    self.mlm_head = dense(t["vocab_size"], ("embed", "vocab"), "mlm_head", jnp.float32,
+                          self.param_dtype, nn.initializers.xavier_uniform())
+    self.temp = layers.scalar_param(self, "temp", self.temperature_init, self.param_dtype)
 
   def encode_image(self, images: Array, train: bool = False) -> tuple[Array, Array]:
     """images [B, H, W, 3] -> (tokens [B, 1 + n, Wi] ([CLS] first), zimg [B, D] unit-norm)."""
-    cls, patches = self.img(images, train)
-    tokens = jnp.concatenate([cls[:, None], patches], axis=1)
-    return tokens, two_towers.l2_normalize(self.img_proj(cls))
+    tokens = self.img(images, train)
+    return tokens, two_towers.l2_normalize(self.img_proj(tokens[:, 0]))
 
   def encode_text(self, tokens: Array, train: bool = False) -> tuple[Array, Array, Array]:
     """tokens [B, L] -> (states [B, L+1, W], valid [B, L+1], ztxt [B, D] unit-norm)."""

@@ -4,7 +4,7 @@ Every transformer stack in vljax (layers.Encoder, CoCa's decoder halves, the T5 
 decoder and prefix-LM) runs its blocks either
 
   unrolled  a Python loop over `depth` block modules, parameters `{prefix}_0 .. {prefix}_{n-1}`
-            (prefix: 'encoderblock', 'layers', 'unimodal', 'multimodal'), or
+            (prefix: 'encoderblock', 'layers', 'unimodal', 'multimodal', 'fusionblock'), or
   scanned   one `nn.scan` over a single block module, parameters under `{prefix}` with a
             leading depth axis (logical name 'layers', see vljax.sharding), compiled once
             whatever the depth.
@@ -46,7 +46,7 @@ REMAT_NAMES = ("none", *REMAT_POLICIES)
 LAYERS_AXIS = "layers"
 
 # Parameter-tree names of the stacks: unrolled `{prefix}_{i}`, scanned `{prefix}`.
-STACK_PREFIXES = ("encoderblock", "layers", "unimodal", "multimodal")
+STACK_PREFIXES = ("encoderblock", "layers", "unimodal", "multimodal", "fusionblock")
 
 
 def remat_name(remat: bool | str) -> str:

@@ -1,0 +1,90 @@
+"""SNLI-VE (Xie et al., 2019) fine-tuning of an ALBEF run: an image and a hypothesis -> 3 classes.
+
+The encoders (img/, txt/, fusion/) start from the ALBEF workdir or export `init=DIR` (with its
+tokenizer, DIR/tokenizer.model); a new head (cls_head/: Linear(W) -> ReLU -> Linear(3), ALBEF's)
+on the fused [CLS] trains from scratch with cross-entropy. Labels: 0 entailment, 1 neutral,
+2 contradiction. The architecture must be the one DIR was trained with: pass the same `scale`
+(and `variant`) as that run (configs/albef.py). Reports eval/snli_ve_accuracy on
+config.data.eval_classification against the majority class and a shuffled-image reading
+(vljax.evals.classification).
+
+Paper recipe (`scale=paper`, ALBEF's configs/VE.yaml): 384 px images (the 256 px position
+embedding is resampled), batch 256 (32 x 8 GPUs), 5 epochs of SNLI-VE train, AdamW lr 2e-5 with
+cosine decay to 1e-6 and no warm-up, weight decay 0.02 lr-coupled -> 0.02 * 2e-5 decoupled
+(configs/albef.py explains the conversion). ALBEF also distils from a momentum model during
+fine-tuning (alpha 0.4); this objective does not (docs/fusion.md). Data at scale=paper: the
+official snli_ve_{train,dev}.jsonl and the Flickr30k images, paths relative to the working
+directory (override config.data.train / eval_classification).
+
+`scale=laptop` (default): the ALBEF laptop model on synthetic?task=snli_ve, 300 steps
+(python -m vljax.main --config=configs/snli_ve.py:init=/tmp/albef_laptop --workdir=/tmp/ve).
+
+Arguments (comma-separated k=v): init=DIR (required; or set config.init.path),
+scale=laptop|tiny|paper, variant=B/16.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+from vljax import configlib
+from vljax import model_sizes
+
+# task -> (paper train source, paper eval source, paper batch, epochs, warm-up epochs)
+PAPER = {
+    "snli_ve": ("snli_ve:snli_ve_train.jsonl?images=flickr30k-images",
+                "snli_ve:snli_ve_dev.jsonl?images=flickr30k-images", 256, 5, 0),
+    # NLVR2's train images sit in numbered subfolders (the records' "directory").
+    "nlvr2": ("nlvr2:train.json?images=images/train", "nlvr2:dev.json?images=dev", 128, 10, 1),
+}
+
+
+def _albef(arg: str):
+  """get_config of configs/albef.py: the pretraining architecture at the same scale."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "albef.py")
+  spec = importlib.util.spec_from_file_location("vljax_config_albef", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def finetune_config(task: str, arg=None):
+  """The fine-tuning config of `task` ('snli_ve' or 'nlvr2'); configs/nlvr2.py shares it."""
+  args = configlib.parse_arg(arg, init="", scale="laptop", variant="B/16")
+  if not args.init:
+    raise configlib.ConfigError(
+        f"configs/{task}.py needs the ALBEF run to start from: "
+        f"--config=configs/{task}.py:init=DIR, DIR an ALBEF workdir or export (e.g. "
+        f"/tmp/albef_laptop after python -m vljax.main --config=configs/albef.py "
+        f"--workdir=/tmp/albef_laptop).")
+  c = _albef(f"scale={args.scale},variant={args.variant}")
+  c.objective = "fusion_classifier"
+  c.task = task
+  c.loss = ml_collections.ConfigDict()  # cross-entropy only: no ALBEF loss settings
+  c.init.path = args.init
+  c.init.mapping = [["^(img|txt|fusion)/", r"\1/"]]  # cls_head/ trains from scratch
+  c.tokenizer.path = os.path.join(args.init, "tokenizer.model")  # the run's own tokenizer
+  c.data.eval = ""  # no zero-shot / retrieval: the classification set only
+  if args.scale == "paper":
+    train, heldout, batch, epochs, warmup = PAPER[task]
+    c.data.train, c.data.eval_classification = train, heldout
+    c.data.image_size = 384
+    c.data.augment.inception_crop = True  # ALBEF: random resized crop, scale (0.5, 1)
+    c.data.augment.crop_scale = 0.5
+    c.batch_size = batch
+    c.total_steps = None
+    c.total_epochs = epochs
+    c.optim.lr = 2e-5
+    c.optim.wd = 0.02 * 2e-5  # the lr-coupled 0.02, converted (configs/albef.py)
+    c.optim.end_lr_frac = 1e-6 / 2e-5  # cosine to ALBEF's min_lr
+    c.optim.warmup_steps = None if warmup else 0
+    c.optim.warmup_epochs = warmup or None
+    c.eval.every_steps = 2000
+  else:
+    c.data.train = c.data.eval_classification = f"synthetic?task={task}"
+    model_sizes.small_albef_finetune(c, args.scale)
+  return c
+
+
+def get_config(arg=None):
+  return finetune_config("snli_ve", arg)

@@ -1,0 +1,91 @@
+"""Fine-tuning heads on ALBEF's encoders: visual entailment (SNLI-VE) and NLVR2.
+
+  image -> ViT -> image tokens ┐
+  text  -> text encoder ───────┴-> fusion encoder -> fused [CLS] ─────────> cls_head -> [B, C]
+  NLVR2: the text is fused once with each image (the same fusion encoder); the two fused [CLS]
+         states, left then right, are concatenated [B, 2W] before cls_head.
+
+cls_head is ALBEF's fine-tuning MLP, Linear(W) -> ReLU -> Linear(num_classes) (for a pair its
+input is 2W wide). The encoders are built exactly as vljax.models.fusion.Albef builds them and
+under the same names, so an ALBEF checkpoint's img/, txt/ and fusion/ subtrees load as they are
+(config.init.mapping); the ITC projections, ITM/MLM heads and temperature are not part of this
+model.
+
+Parameter tree:
+  img/...      fusion.ClsViT (a VisionTransformer pooled at its [CLS]), as Albef's
+  txt/...      AlbefTextEncoder, as Albef's
+  fusion/...   FusionEncoder, as Albef's
+  cls_head/    hidden (W -> W, or 2W -> W), out (W -> num_classes); trained from scratch
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vljax.models import fusion
+
+Array = jax.Array
+Dtype = Any
+
+
+class ClassifierHead(nn.Module):
+  """Linear(hidden) -> ReLU -> Linear(num_classes); float32 logits."""
+  hidden: int
+  num_classes: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = nn.relu(fusion.dense(self.hidden, ("embed", "mlp"), "hidden", self.dtype,
+                             self.param_dtype)(x))
+    return fusion.dense(self.num_classes, ("mlp", None), "out", jnp.float32,
+                        self.param_dtype)(x)
+
+
+class FusionClassifier(nn.Module):
+  """ALBEF's encoders + a classification head over the fused [CLS] (of one or two images).
+
+  Attributes:
+    image, text: as fusion.Albef's (text: width, mlp_dim, num_heads, text_depth,
+      fusion_depth, vocab_size, max_len, pad_id, optionally dropout / remat / scan).
+    num_classes: 3 (SNLI-VE) or 2 (NLVR2).
+    pair: two images per example (NLVR2): cls_head reads [left CLS ++ right CLS].
+  """
+  image: Mapping[str, Any]
+  text: Mapping[str, Any]
+  num_classes: int
+  pair: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.img, self.txt, self.fusion = fusion.albef_encoders(self.image, self.text, self.dtype,
+                                                            self.param_dtype)
+    self.cls_head = ClassifierHead(self.text["width"], self.num_classes, dtype=self.dtype,
+                                   param_dtype=self.param_dtype)
+
+  def fused_cls(self, tokens: Array, images: Array, images2: Array | None = None,
+                train: bool = False) -> Array:
+    """The fused [CLS] [B, W], or for a pair [B, 2W] (left, right)."""
+    states, valid = self.txt(tokens, train)
+    if images2 is None:
+      return self.fusion(states, valid, self.img(images, train), train)[:, 0]
+    # One pass over both images and one through the fusion encoder: the text states are
+    # repeated for the right images, then the two [CLS] states go side by side.
+    batch = images.shape[0]
+    both = self.img(jnp.concatenate([images, images2], axis=0), train)
+    fused = self.fusion(jnp.concatenate([states, states], axis=0),
+                        jnp.concatenate([valid, valid], axis=0), both, train)[:, 0]
+    return jnp.concatenate([fused[:batch], fused[batch:]], axis=-1)
+
+  def __call__(self, images: Array, tokens: Array, images2: Array | None = None,
+               train: bool = False) -> Array:
+    """[B, num_classes] float32 logits; `images2` is required when `pair`."""
+    if self.pair != (images2 is not None):
+      raise ValueError(f"FusionClassifier(pair={self.pair}) got "
+                       f"{'a' if images2 is not None else 'no'} second image batch.")
+    return self.cls_head(self.fused_cls(tokens, images, images2, train))

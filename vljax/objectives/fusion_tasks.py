@@ -1,0 +1,96 @@
+"""Fine-tuning a fusion model (ALBEF) on SNLI-VE (visual entailment) or NLVR2.
+
+config.task picks the task:
+  snli_ve  an image and a hypothesis -> 3 classes (0 entailment, 1 neutral, 2 contradiction)
+  nlvr2    two images and a statement -> 2 classes (0 False, 1 True); the statement is fused
+           with each image and the two fused [CLS] states are concatenated (left, right)
+
+  loss = cross-entropy of cls_head's logits (vljax.models.fusion_heads.FusionClassifier)
+
+The encoders (img/, txt/, fusion/) come from an ALBEF run through config.init (configs/snli_ve.py,
+configs/nlvr2.py); cls_head/ trains from scratch. No momentum model and no queues: ALBEF's
+fine-tuning also distils from a momentum copy, which this objective leaves out (docs/fusion.md).
+
+Batch: 'image' (+ 'brightness'), for nlvr2 'image2' (+ 'brightness2'), 'text' [max_len] int32
+(the hypothesis or statement) and 'label' int32 (a label outside [0, num_classes) is left out
+of the loss and the accuracy).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vljax.configlib import ConfigError
+from vljax.data import synthetic
+from vljax.models import fusion_heads
+from vljax.objectives import base
+from vljax.objectives import momentum_queues
+
+# task -> (class names in id order, two images per example)
+TASKS: dict[str, tuple[tuple[str, ...], bool]] = {
+    "snli_ve": (synthetic.ENTAILMENT_LABELS, False),
+    "nlvr2": (synthetic.NLVR2_LABELS, True),
+}
+
+
+class FusionClassifierObjective(base.Objective):
+  """Cross-entropy fine-tuning of FusionClassifier for config.task."""
+
+  def __init__(self, config: ml_collections.ConfigDict, tokenizer):
+    self.task = config.get("task")
+    if self.task not in TASKS:
+      raise ConfigError(f"config.task={self.task!r}; the fusion classifier fine-tunes one of "
+                        f"{', '.join(TASKS)}.")
+    self.label_names, self.pair = TASKS[self.task]
+    self.num_classes = len(self.label_names)
+    self.image_size, self.max_len = config.data.image_size, config.data.max_len
+    self.tokenizer = tokenizer
+    kwargs = momentum_queues.model_kwargs(config, tokenizer)
+    for unused in ("embed_dim", "temperature_init"):  # ALBEF's ITC settings
+      kwargs.pop(unused, None)
+    self.model = fusion_heads.FusionClassifier(num_classes=self.num_classes, pair=self.pair,
+                                               **kwargs)
+
+  def batch_fields(self) -> dict[str, base.BatchField]:
+    fields = super().batch_fields()
+    if self.pair:
+      fields["image2"] = base.BatchField((self.image_size, self.image_size, 3), np.uint8,
+                                         (None, None, None), pixels_with="brightness2")
+      fields["brightness2"] = base.BatchField((), np.float32)
+    return fields
+
+  def batch_from_examples(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    missing = [i for i, e in enumerate(examples) if "statement" not in e]
+    if missing:
+      raise ValueError(f"config.task={self.task!r} needs records with a hypothesis or "
+                       f"statement; example {missing[0]} of the batch has none (its source "
+                       f"is not a {self.task} source, docs/fusion.md).")
+    return {"text": self.tokenizer.encode([e["statement"] for e in examples], self.max_len),
+            "label": np.asarray([e["label"] for e in examples], np.int32)}
+
+  def _images2(self, batch: Mapping[str, Any]) -> jax.Array | None:
+    return batch["image2"] if self.pair else None
+
+  def init(self, rng: jax.Array, batch: dict[str, Any]) -> Any:
+    return self.model.init(rng, batch["image"], batch["text"], self._images2(batch))["params"]
+
+  def classify(self, params: Any, images: jax.Array, tokens: jax.Array,
+               images2: jax.Array | None = None) -> jax.Array:
+    """[B, num_classes] float32 logits (no dropout); `images2` for nlvr2."""
+    return self.model.apply({"params": params}, images, tokens, images2)
+
+  def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
+    logits = self.model.apply({"params": params}, batch["image"], batch["text"],
+                              self._images2(batch), train=True, rngs={"dropout": rng})
+    labels = batch["label"]
+    valid = (labels >= 0) & (labels < self.num_classes)
+    count = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+    loss = jnp.sum(jnp.where(valid, losses, 0.0)) / count
+    correct = (jnp.argmax(logits, axis=-1) == labels) & valid
+    return loss, {"accuracy": jnp.sum(correct) / count}
