@@ -15,6 +15,14 @@ SMALL_TWO_TOWERS = {
 }
 
 
+def _preset(presets: dict[str, dict], scale: str) -> dict:
+  """presets[scale], or a ConfigError naming the scales there are."""
+  if scale not in presets:
+    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
+                                f"{', '.join(presets)}.")
+  return presets[scale]
+
+
 def _small_run(config, s: dict) -> None:
   """The data sizes, embedding width and schedule that every small preset sets alike."""
   config.data.image_size = s["image_size"]
@@ -34,10 +42,7 @@ def _small_run(config, s: dict) -> None:
 def small_two_towers(config, scale: str, image_pool: str, text_pool: str,
                      causal: bool) -> None:
   """Fills `config` (a base_train_config) with one of the SMALL_TWO_TOWERS sizes."""
-  if scale not in SMALL_TWO_TOWERS:
-    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
-                                f"{', '.join(SMALL_TWO_TOWERS)}.")
-  s = SMALL_TWO_TOWERS[scale]
+  s = _preset(SMALL_TWO_TOWERS, scale)
   tower = dict(width=s["width"], depth=s["depth"], mlp_dim=s["mlp_dim"], num_heads=s["heads"])
   config.model.image = dict(tower, patch_size=(s["patch"], s["patch"]), posemb="learn",
                             pool_type=image_pool)
@@ -62,10 +67,7 @@ SMALL_COCA = {
 
 def small_coca(config, scale: str) -> None:
   """Fills `config` (a base_train_config) with one of the SMALL_COCA sizes."""
-  if scale not in SMALL_COCA:
-    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
-                                f"{', '.join(SMALL_COCA)}.")
-  s = SMALL_COCA[scale]
+  s = _preset(SMALL_COCA, scale)
   config.model.image = dict(width=s["width"], depth=s["depth"], mlp_dim=s["mlp_dim"],
                             num_heads=s["heads"], patch_size=(s["patch"], s["patch"]),
                             posemb="learn")
@@ -91,10 +93,7 @@ SMALL_PALI = {
 
 def small_pali(config, scale: str, architecture: str) -> None:
   """Fills `config` (a base_train_config with config.tasks) with one of the SMALL_PALI sizes."""
-  if scale not in SMALL_PALI:
-    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
-                                f"{', '.join(SMALL_PALI)}.")
-  s = SMALL_PALI[scale]
+  s = _preset(SMALL_PALI, scale)
   config.model.image = dict(width=s["vit_width"], depth=s["vit_depth"], mlp_dim=s["vit_mlp"],
                             num_heads=s["vit_heads"], patch_size=(s["patch"], s["patch"]),
                             posemb="learn")
@@ -125,10 +124,7 @@ SMALL_ALBEF = {
 
 def small_albef(config, scale: str) -> None:
   """Fills `config` (a base_train_config) with one of the SMALL_ALBEF sizes."""
-  if scale not in SMALL_ALBEF:
-    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
-                                f"{', '.join(SMALL_ALBEF)}.")
-  s = SMALL_ALBEF[scale]
+  s = _preset(SMALL_ALBEF, scale)
   config.model.image = dict(width=s["width"], depth=s["depth"], mlp_dim=s["mlp_dim"],
                             num_heads=s["heads"], patch_size=(s["patch"], s["patch"]),
                             posemb="learn")
@@ -155,10 +151,7 @@ SMALL_BLIP = {
 
 def small_blip(config, scale: str) -> None:
   """Fills `config` (a base_train_config) with one of the SMALL_BLIP sizes."""
-  if scale not in SMALL_BLIP:
-    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
-                                f"{', '.join(SMALL_BLIP)}.")
-  s = SMALL_BLIP[scale]
+  s = _preset(SMALL_BLIP, scale)
   config.model.image = dict(width=s["width"], depth=s["depth"], mlp_dim=s["mlp_dim"],
                             num_heads=s["heads"], patch_size=(s["patch"], s["patch"]),
                             posemb="learn")
@@ -181,10 +174,7 @@ SMALL_ALBEF_FINETUNE = {
 def small_albef_finetune(config, scale: str) -> None:
   """The schedule of SMALL_ALBEF_FINETUNE[scale] on a config that already has the SMALL_ALBEF
   architecture of `scale` (configs/albef.py's)."""
-  if scale not in SMALL_ALBEF_FINETUNE:
-    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
-                                f"{', '.join(SMALL_ALBEF_FINETUNE)}.")
-  _small_run(config, SMALL_ALBEF_FINETUNE[scale])
+  _small_run(config, _preset(SMALL_ALBEF_FINETUNE, scale))
 
 
 # Small VLMo sizes: one Multiway stack of the small ViT's width and depth whose top block has the
@@ -201,10 +191,7 @@ SMALL_VLMO = {
 
 def small_vlmo(config, scale: str) -> None:
   """Fills `config` (a base_train_config) with one of the SMALL_VLMO sizes."""
-  if scale not in SMALL_VLMO:
-    raise configlib.ConfigError(f"scale={scale!r}; choose paper or one of "
-                                f"{', '.join(SMALL_VLMO)}.")
-  s = SMALL_VLMO[scale]
+  s = _preset(SMALL_VLMO, scale)
   config.model.transformer = dict(patch_size=s["patch"], width=s["width"], depth=s["depth"],
                                   vl_depth=s["vl_depth"], mlp_dim=s["mlp_dim"],
                                   num_heads=s["heads"])
