@@ -63,6 +63,9 @@ class Predictor:
   def __init__(self, config, tokenizer, objective, params, mesh, rules):
     self.config, self.tokenizer, self.objective = config, tokenizer, objective
     self.params, self.mesh, self.rules = params, mesh, rules
+    # Jitted decoders by DecodeOptions (seed left out: the key is an argument), so repeated
+    # calls (CapFilt's batches) reuse one compiled function instead of re-tracing it.
+    self._decoders: dict[Any, Any] = {}
 
   def load_images(self, paths: Sequence[str]):
     """float32 [N, S, S, 3]: the files decoded and preprocessed as the run's evaluation does."""
@@ -78,13 +81,16 @@ class Predictor:
         pixels.append(pipeline.eval_pixels(f.read(), options))
     return preprocess.normalize(np.stack(pixels), options)
 
-  def _batched(self, fn, inputs):
+  def _batched(self, fn, inputs, params=None):
+    """fn(params, *inputs) over the whole of `inputs` (an array or a tuple of arrays with one
+    row per example) in one batch sharded over the mesh; params default to the model's."""
     import jax  # pylint: disable=g-import-not-at-top
     import flax.linen as nn  # pylint: disable=g-import-not-at-top
     from vljax.evals import common  # pylint: disable=g-import-not-at-top
+    rows = len(inputs[0] if isinstance(inputs, tuple) else inputs)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return common.embed_all(fn, self.params, inputs, self.mesh,
-                              max(len(inputs), self.mesh.size))
+      return common.embed_all(fn, self.params if params is None else params, inputs,
+                              self.mesh, max(rows, self.mesh.size))
 
   def captions(self, images, options: DecodeOptions = DecodeOptions(),
                prompt: str | None = None) -> list[str]:
@@ -92,13 +98,30 @@ class Predictor:
     the text that follows `prompt` (objectives with prompts, which are given to every image)."""
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
-    from vljax import decode  # pylint: disable=g-import-not-at-top
     objective = self.objective
     max_len = options.max_len or self.config.data.max_len
     if prompt and not hasattr(objective, "encode_prefixes"):
       raise ValueError(f"{type(objective).__name__} takes no text prompt.")
 
-    def generate(params, x, *prefix):
+    inputs = images
+    if prompt:
+      inputs = (images, np.repeat(objective.encode_prefixes([prompt]), len(images), axis=0))
+    key = jax.random.key(options.seed)
+    tokens = np.asarray(self._batched(self._decoder(dataclasses.replace(options, seed=0),
+                                                    max_len),
+                                      inputs, params=(self.params, key)))
+    return [self.tokenizer.decode(row) for row in tokens]
+
+  def _decoder(self, options: DecodeOptions, max_len: int):
+    """The jitted generate((params, key), images, *prefix) of these options (cached)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from vljax import decode  # pylint: disable=g-import-not-at-top
+    if (options, max_len) in self._decoders:
+      return self._decoders[(options, max_len)]
+    objective = self.objective
+
+    def generate(params_and_key, x, *prefix):
+      params, key = params_and_key
       if options.beam_size <= 1 and options.temperature <= 0:
         return objective.generate(params, x, max_len, *prefix)
       state = objective.init_decode_state(params, x, max_len, *prefix)
@@ -109,15 +132,12 @@ class Predictor:
                                      beam_size=options.beam_size, alpha=options.alpha,
                                      pad_id=objective.pad_id)
         return seqs[:, 0]
-      return decode.sample(step, state, start, max_len, objective.eos_id,
-                           jax.random.key(options.seed), temperature=options.temperature,
-                           top_k=options.top_k, top_p=options.top_p, pad_id=objective.pad_id)
+      return decode.sample(step, state, start, max_len, objective.eos_id, key,
+                           temperature=options.temperature, top_k=options.top_k,
+                           top_p=options.top_p, pad_id=objective.pad_id)
 
-    inputs = images
-    if prompt:
-      inputs = (images, np.repeat(objective.encode_prefixes([prompt]), len(images), axis=0))
-    tokens = np.asarray(self._batched(jax.jit(generate), inputs))
-    return [self.tokenizer.decode(row) for row in tokens]
+    self._decoders[(options, max_len)] = jax.jit(generate)
+    return self._decoders[(options, max_len)]
 
   def label_probabilities(self, images, labels: Sequence[str],
                           templates: Sequence[str] | None = None):
