@@ -72,19 +72,14 @@ def _load(data_config, spec: str, tokenizer, require_caption: bool, max_examples
       indices=indices, normalize=False,
       image_options=preprocess.image_options_from_config(data_config, data_config.image_size,
                                                          train=False),
-      text_options=_text_options(data_config), require_caption=require_caption,
-      require_question=vqa, require_answers=vqa, require_statement=statement,
+      text_options=preprocess.text_options_from_config(data_config),
+      require_caption=require_caption, require_question=vqa, require_answers=vqa, require_statement=statement,
       require_pair=pair)
   sampled = "every record" if indices is None else (
       f"a random sample of {len(indices)} (seed {data_config.seed})")
   logging.info("Eval source %s: %d usable examples of %d records (%s), %d bad skipped.",
                spec, len(data["image"]), len(source), sampled, data["skipped"])
   return source, data
-
-
-def _text_options(data_config) -> preprocess.TextOptions:
-  return preprocess.TextOptions(lowercase=bool(_get(data_config, "lowercase", False)),
-                                canonicalize=bool(_get(data_config, "canonicalize", False)))
 
 
 def _bookkeeping(spec: str, data: dict[str, Any]) -> dict[str, Any]:
