@@ -19,8 +19,9 @@ Deliberate differences (docs/fusion.md, "BLIP"): pre-LN layers; the lr decays by
 BLIP's min_lr 1e-6 (BLIP's code decays it by 0.9 every epoch, the paper says 0.85); vljax's
 defaults for gradient clipping (global norm 1; BLIP: none) and for which weights decay
 (kernels; BLIP: all); the momentum model runs without dropout; no +1e-4 floor on the
-hard-negative weights; greedy captions in evaluation (BLIP: 3 beams and a prompt); no VQA.
-CapFilt (captioner/filter bootstrapping of a source) is the command `python -m vljax.capfilt`.
+hard-negative weights; greedy captions in evaluation (BLIP: 3 beams and a prompt). VQA fine-tunes a run with
+configs/blip_vqa.py:init=WORKDIR. CapFilt (captioner/filter bootstrapping of a source) is the
+command `python -m vljax.capfilt`.
 Gradient accumulation is not available (the objective keeps non-gradient state).
 
 Arguments (comma-separated k=v): scale=laptop|tiny|paper (default laptop: trains on the

@@ -16,19 +16,9 @@ big_vision or Hugging Face SigLIP; docs/interop.md): the architecture (both towe
 size, text length), the pixel range and the tokenizer are the import's, `scale` then only sets
 the schedule and batch size, and init=DIR is implied.
 """
-import importlib.util
 import os
 
 from vljax import configlib
-
-
-def _base(name: str, arg: str):
-  """get_config of the sibling config file `name` (siglip or clip)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"vljax_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _take_architecture(c, directory: str) -> None:
@@ -48,8 +38,9 @@ def get_config(arg=None):
                              imported="")
   if args.loss not in ("sigmoid", "softmax"):
     raise configlib.ConfigError(f"lit.py: loss={args.loss!r}; choose sigmoid or softmax.")
-  c = _base("siglip" if args.loss == "sigmoid" else "clip",
-            f"scale={args.scale},variant={args.variant}")
+  base = "siglip.py" if args.loss == "sigmoid" else "clip.py"
+  c = configlib.sibling_config(__file__, base).get_config(
+      f"scale={args.scale},variant={args.variant}")
   c.init.path = args.init
   if args.imported:
     _take_architecture(c, args.imported)

@@ -18,13 +18,8 @@ design (docs/fusion.md). Data at scale=paper: the official train.json / dev.json
 
 Arguments (comma-separated k=v): init=DIR (required), scale=laptop|tiny|paper, variant=B/16.
 """
-import importlib.util
-import os
+from vljax import configlib
 
 
 def get_config(arg=None):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "snli_ve.py")
-  spec = importlib.util.spec_from_file_location("vljax_config_snli_ve", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.finetune_config("nlvr2", arg)
+  return configlib.sibling_config(__file__, "snli_ve.py").finetune_config("nlvr2", arg)

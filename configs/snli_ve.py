@@ -22,7 +22,6 @@ directory (override config.data.train / eval_classification).
 Arguments (comma-separated k=v): init=DIR (required; or set config.init.path),
 scale=laptop|tiny|paper, variant=B/16.
 """
-import importlib.util
 import os
 
 import ml_collections
@@ -39,15 +38,6 @@ PAPER = {
 }
 
 
-def _albef(arg: str):
-  """get_config of configs/albef.py: the pretraining architecture at the same scale."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "albef.py")
-  spec = importlib.util.spec_from_file_location("vljax_config_albef", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def finetune_config(task: str, arg=None):
   """The fine-tuning config of `task` ('snli_ve' or 'nlvr2'); configs/nlvr2.py shares it."""
   args = configlib.parse_arg(arg, init="", scale="laptop", variant="B/16")
@@ -57,7 +47,8 @@ def finetune_config(task: str, arg=None):
         f"--config=configs/{task}.py:init=DIR, DIR an ALBEF workdir or export (e.g. "
         f"/tmp/albef_laptop after python -m vljax.main --config=configs/albef.py "
         f"--workdir=/tmp/albef_laptop).")
-  c = _albef(f"scale={args.scale},variant={args.variant}")
+  c = configlib.sibling_config(__file__, "albef.py").get_config(
+      f"scale={args.scale},variant={args.variant}")
   c.objective = "fusion_classifier"
   c.task = task
   c.loss = ml_collections.ConfigDict()  # cross-entropy only: no ALBEF loss settings

@@ -16,7 +16,8 @@ from vljax.data import tokenizer as tokenizer_lib
 from vljax.models import blip
 from vljax.objectives import make_objective
 
-from train_helpers import assert_trees_close, random_batches, tiny_config
+from train_helpers import (assert_trees_close, greedy_by_full_passes, random_batches,
+                           tiny_config)
 
 MOMENTUM, ALPHA, RAMP = 0.995, 0.4, 2
 BATCH, QUEUE, MAX_LEN = 16, 32, 8
@@ -213,15 +214,8 @@ def test_generate_with_the_cache_equals_repeated_full_forward_passes(objective, 
 
   def reference(params):
     image_tokens = objective.encode_image_tokens(params, images)
-    seq = np.full((images.shape[0], MAX_LEN), pad, np.int32)
-    done = np.zeros(images.shape[0], bool)
-    for p in range(MAX_LEN):
-      logits = np.array(full_logits(params, image_tokens, jnp.asarray(seq))[:, p])
-      logits[:, pad] = -np.inf
-      nxt = np.where(done, pad, logits.argmax(-1))
-      seq[:, p] = nxt
-      done |= nxt == eos
-    return seq
+    full = lambda seq: full_logits(params, image_tokens, jnp.asarray(seq))
+    return greedy_by_full_passes(full, images.shape[0], MAX_LEN, pad, eos)
 
   # Raise the EOS bias until some rows (not all) end before max_len, so that EOS and the
   # padding after it are exercised too.

@@ -27,8 +27,8 @@ def test_parse_arg_types_and_unknown_key():
 @pytest.mark.parametrize("arg", ["", "scale=tiny", "scale=paper"])
 def test_every_config_loads_and_validates(path, arg):
   # LiT and PaLI's paper recipe start from a trained run's image tower, the SNLI-VE / NLVR2
-  # fine-tuning from an ALBEF run.
-  if path.endswith(("lit.py", "snli_ve.py", "nlvr2.py")) or (
+  # fine-tuning from an ALBEF run, VQA from a BLIP run.
+  if path.endswith(("lit.py", "snli_ve.py", "nlvr2.py", "blip_vqa.py")) or (
       path.endswith("pali.py") and "paper" in arg):
     arg = ",".join(a for a in (arg, "init=/runs/siglip") if a)
   config = configlib.load_config_file(f"{path}:{arg}" if arg else path)

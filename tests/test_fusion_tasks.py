@@ -223,15 +223,6 @@ def albef_export(tmp_path_factory, tok):
   return workdir, _named(params)
 
 
-def _real_batch(config, objective, tokenizer, n=16):
-  source = sources.get_source(config.data.train, "train", config.data.image_size, 0)
-  it = pipeline.make_train_iterator(
-      source, tokenizer, batch_size=n, image_size=config.data.image_size,
-      max_len=config.data.max_len, seed=0, normalize=False,
-      fields_fn=objective.batch_from_examples)
-  return {k: v for k, v in next(it).items() if not k.startswith("_")}
-
-
 @pytest.mark.parametrize("task", ["snli_ve", "nlvr2"])
 def test_finetuning_starts_from_the_albef_encoders_and_lowers_the_loss(
     task, albef_export, tok):
@@ -259,16 +250,10 @@ def test_finetuning_starts_from_the_albef_encoders_and_lowers_the_loss(
   assert sorted({n.split("/")[0] for n in loaded}) == ["cls_head", "fusion", "img", "txt"]
 
   # A few steps on one real batch of the task from the loaded weights.
-  batch = _real_batch(config, setup.objective, tok)
+  batch = train_helpers.first_batch(config, setup.objective, tok)
   assert set(batch) == set(setup.objective.batch_fields())
-  state = state.replace(params=params)
-  step = train.make_train_step(setup, config.nan_policy)
-  losses = []
-  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
-    placed = sharding.global_batch_from_host(batch, mesh, setup.batch_shardings)
-    for _ in range(6):
-      state, metrics = step(state, placed, jax.random.key(1))
-      losses.append(float(metrics["train/loss"]))
+  losses, _ = train_helpers.repeat_step(config, setup, state.replace(params=params), batch,
+                                        mesh, 6)
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
 
 

@@ -105,6 +105,23 @@ def test_renaming_rule(world):
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(expected), err_msg=name)
 
 
+def test_a_rule_with_several_replacements_loads_one_source_into_each(world):
+  # The image blocks start both the image blocks and the (same-shaped) text blocks.
+  rule = ["^img/encoder/Transformer/", ["img/encoder/Transformer/", "txt/encoder/Encoder_0/"]]
+  fresh = _named(world["fresh"])
+  loaded, names, _ = _load(_init(world["paths"]["export dir"], mapping=[rule]), world["fresh"])
+  image = {n: n for n in fresh if n.startswith("img/encoder/Transformer/")}
+  text = {n: "img/encoder/Transformer/" + n[len("txt/encoder/Encoder_0/"):]
+          for n in fresh if n.startswith("txt/encoder/Encoder_0/")}
+  assert names == sorted({**image, **text}) and len(text) > 10
+  for name, leaf in loaded.items():
+    source = {**image, **text}.get(name)
+    expected = world["source"][source] if source else fresh[name]
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(expected), err_msg=name)
+  with pytest.raises(configlib.ConfigError, match="not a \\[regex, replacement\\] pair"):
+    _load(_init(world["paths"]["export dir"], mapping=[["^img/", []]]), world["fresh"])
+
+
 def test_target_that_does_not_exist(world):
   with pytest.raises(configlib.ConfigError,
                      match=r"img/head/bias to img/projection/bias, which is not a parameter"):

@@ -71,3 +71,41 @@ def assert_trees_close(got, want, rtol, atol):
                                atol=atol, err_msg=name)
     compared += 1
   return compared
+
+
+def first_batch(config, objective, tokenizer, n=16):
+  """The first batch of n examples of config.data.train, collated by `objective` (pixels
+  uint8, as the trainer's pipeline sends them)."""
+  from vljax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  source = sources.get_source(config.data.train, "train", config.data.image_size, 0)
+  it = pipeline.make_train_iterator(
+      source, tokenizer, batch_size=n, image_size=config.data.image_size,
+      max_len=config.data.max_len, seed=0, normalize=False,
+      fields_fn=objective.batch_from_examples)
+  return {k: v for k, v in next(it).items() if not k.startswith("_")}
+
+
+def repeat_step(config, setup, state, batch, mesh, n):
+  """(losses, last metrics) of n train steps on the one `batch` from `state` (donated)."""
+  step = train.make_train_step(setup, config.nan_policy)
+  losses = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
+    placed = sharding.global_batch_from_host(batch, mesh, setup.batch_shardings)
+    for _ in range(n):
+      state, metrics = step(state, placed, jax.random.key(1))
+      losses.append(float(metrics["train/loss"]))
+  return losses, metrics
+
+
+def greedy_by_full_passes(full_logits, rows, length, pad_id, eos_id):
+  """Greedy decoding without a cache: full_logits(seq [rows, length]) -> [rows, length, V]
+  teacher-forced logits; token p is the argmax of position p (pad never), pad after EOS."""
+  seq = np.full((rows, length), pad_id, np.int32)
+  done = np.zeros(rows, bool)
+  for p in range(length):
+    logits = np.array(full_logits(seq)[:, p])
+    logits[:, pad_id] = -np.inf
+    nxt = np.where(done, pad_id, logits.argmax(-1))
+    seq[:, p] = nxt
+    done |= nxt == eos_id
+  return seq

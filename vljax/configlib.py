@@ -76,15 +76,27 @@ def _convert(text: str, current: Any, where: str) -> Any:
                       f"(current value {current!r}): {e}") from None
 
 
+def _config_module(path: str):
+  """The config file at `path` as a module (not added to sys.modules)."""
+  module_spec = importlib.util.spec_from_file_location(
+      f"vljax_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
+def sibling_config(config_file: str, name: str):
+  """The config file `name` (e.g. 'blip.py') next to `config_file` (a config's __file__), as a
+  module: a fine-tuning config builds on its pre-training config's get_config."""
+  return _config_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), name))
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """Loads `path/to/config.py[:arg]` by calling its get_config(arg)."""
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise ConfigError(f"Config file {path!r} does not exist (from --config={spec}).")
-  module_spec = importlib.util.spec_from_file_location(
-      f"vljax_config_{os.path.basename(path)[:-3]}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = _config_module(path)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"Config file {path!r} has no get_config(arg) function.")
   config = module.get_config(arg or None)

@@ -8,6 +8,8 @@ and config.init.mapping, a list of [regex, replacement] rules, says where each s
 goes: for a source path (optim.param_path, e.g. 'img/encoder/embedding/kernel') the first rule
 whose regex `re.search`-matches gives the target path re.sub(regex, replacement, path, count=1);
 a source path no rule matches is not loaded; [] loads every source parameter under its own name.
+A rule's replacement may be a list, [regex, [replacement, ...]]: the source parameter is loaded
+into each of those targets (two stacks that start from one, as BLIP's VQA encoder and decoder).
 [['^img/', 'img/']] loads the image tower only (LiT); [['^img/encoder/', 'img/encoder/']] the
 image encoder without its projection head (fine-tuning at a new embedding size).
 
@@ -98,32 +100,36 @@ def _read_source(path: str, log: Callable[[str], Any]) -> dict:
                     f"under {root}.")
 
 
-def _mapping_rules(mapping: Any) -> list[tuple[re.Pattern, str]]:
+def _mapping_rules(mapping: Any) -> list[tuple[re.Pattern, list[str]]]:
   rules = []
   for rule in mapping or ():
-    if (not isinstance(rule, (list, tuple)) or len(rule) != 2 or
-        not all(isinstance(x, str) for x in rule)):
+    pair = isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)
+    targets = rule[1] if pair else None
+    targets = [targets] if isinstance(targets, str) else targets
+    if (not isinstance(targets, (list, tuple)) or not targets or
+        not all(isinstance(x, str) for x in targets)):
       raise ConfigError(f"config.init.mapping: {rule!r} is not a [regex, replacement] pair "
-                        f"of strings, e.g. ['^img/', 'img/'].")
+                        f"of strings (or [regex, [replacement, ...]]), e.g. ['^img/', 'img/'].")
     try:
-      rules.append((re.compile(rule[0]), rule[1]))
+      rules.append((re.compile(rule[0]), list(targets)))
     except re.error as e:
       raise ConfigError(f"config.init.mapping: {rule[0]!r} is not a valid regex ({e}).") from None
   return rules
 
 
-def _target_name(rules: list[tuple[re.Pattern, str]], source: str) -> str | None:
-  """Where `source` goes: the first matching rule's substitution, itself for no rules."""
+def _target_names(rules: list[tuple[re.Pattern, list[str]]], source: str) -> list[str]:
+  """Where `source` goes: the first matching rule's substitutions (one per replacement), itself
+  for no rules, nowhere ([]) when no rule matches."""
   if not rules:
-    return source
-  for pattern, replacement in rules:
+    return [source]
+  for pattern, replacements in rules:
     if pattern.search(source):
       try:
-        return pattern.sub(replacement, source, count=1)
+        return [pattern.sub(r, source, count=1) for r in replacements]
       except re.error as e:
-        raise ConfigError(f"config.init.mapping: replacement {replacement!r} of "
+        raise ConfigError(f"config.init.mapping: a replacement in {replacements!r} of "
                           f"{pattern.pattern!r} is invalid ({e}).") from None
-  return None
+  return []
 
 
 def _is_vit_posemb(name: str, target_shapes: dict[str, tuple]) -> bool:
@@ -231,20 +237,18 @@ def load_initial_params(init_cfg: ml_collections.ConfigDict, params: Any, *,
 
   new_values, loaded_from = {}, {}
   for source_name, value in sorted(source_leaves.items()):
-    target = _target_name(rules, source_name)
-    if target is None:
-      continue
-    if target not in targets:
-      close = difflib.get_close_matches(target, target_names, n=1)
-      hint = f" Did you mean {close[0]!r}?" if close else ""
-      raise ConfigError(f"config.init.mapping sends {source_name} to {target}, which is not a "
-                        f"parameter of this model.{hint}")
-    if target in loaded_from:
-      raise ConfigError(f"config.init.mapping sends both {loaded_from[target]} and "
-                        f"{source_name} to {target}.")
-    loaded_from[target] = source_name
-    value = _fit(source_name, target, value, targets[target], target_shapes, log)
-    new_values[target] = _place(value, targets[target])
+    for target in _target_names(rules, source_name):
+      if target not in targets:
+        close = difflib.get_close_matches(target, target_names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"config.init.mapping sends {source_name} to {target}, which is not "
+                          f"a parameter of this model.{hint}")
+      if target in loaded_from:
+        raise ConfigError(f"config.init.mapping sends both {loaded_from[target]} and "
+                          f"{source_name} to {target}.")
+      loaded_from[target] = source_name
+      fitted = _fit(source_name, target, value, targets[target], target_shapes, log)
+      new_values[target] = _place(fitted, targets[target])
 
   if not new_values:
     raise ConfigError(f"config.init loaded nothing: config.init.mapping matches none of the "

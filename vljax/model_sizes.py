@@ -196,3 +196,23 @@ def small_vlmo(config, scale: str) -> None:
                                   vl_depth=s["vl_depth"], mlp_dim=s["mlp_dim"],
                                   num_heads=s["heads"])
   _small_run(config, s)
+
+
+# Fine-tuning the small BLIP models on VQA (configs/blip_vqa.py): the pre-training run's
+# architecture and data sizes, a shorter schedule at a lower rate, answers of up to 5 tokens
+# (the synthetic answers take 1 or 2, and EOS). The synthetic annotators agree, so one answer
+# slot keeps every answer.
+SMALL_BLIP_VQA = {
+    "laptop": dict(SMALL_BLIP["laptop"], total_steps=300, warmup_steps=30, lr=3e-4,
+                   eval_every=150, ckpt_every=300, answer_len=5, answers_per_question=1),
+    "tiny": dict(SMALL_BLIP["tiny"], answer_len=4, answers_per_question=2),
+}
+
+
+def small_blip_vqa(config, scale: str) -> None:
+  """The schedule and answer sizes of SMALL_BLIP_VQA[scale] on a config that already has the
+  SMALL_BLIP architecture of `scale` (configs/blip.py's)."""
+  s = _preset(SMALL_BLIP_VQA, scale)
+  config.vqa.answer_len = s["answer_len"]
+  config.vqa.answers_per_question = s["answers_per_question"]
+  _small_run(config, s)

@@ -109,12 +109,15 @@ class SelfAttention(nn.Module):
 class TextBlock(nn.Module):
   """One MED layer (pre-LN) in mode 'text', 'itm' or 'lm':
 
-    x + SelfAttn_mode(LN(x));  [x + CrossAttn(LN(x), image) unless 'text'];  x + MLP(LN(x))
+    x + SelfAttn_mode(LN(x));  [x + CrossAttn(LN(x), context) unless 'text'];  x + MLP(LN(x))
 
   SelfAttn_mode is `enc_attn` for 'text' / 'itm' and `dec_attn` for 'lm'; everything else is
-  one set of weights whatever the mode. In decoding (`cache` given, mode 'lm') the cache holds
-  dec_attn's keys/values so far and the image's cross-attention keys/values (cross_key,
-  cross_value) from cross_keys_values, so the image is never projected again.
+  one set of weights whatever the mode. The context is what the cross-attention reads: the
+  image tokens in pre-training, the image-grounded question states in BLIP's VQA answer
+  decoder (BlipVqa). In decoding (`cache` given, mode 'lm') the cache holds dec_attn's
+  keys/values so far and the context's cross-attention keys/values (cross_key, cross_value)
+  from cross_keys_values, so the context is never projected again, and its key mask
+  (cross_mask) when the context has padding.
   """
   mlp_dim: int
   num_heads: int
@@ -132,11 +135,14 @@ class TextBlock(nn.Module):
     self.mlp = layers.MlpBlock(self.mlp_dim, dropout=self.dropout, **sizes)
     self.drop = nn.Dropout(rate=self.dropout)
 
-  def __call__(self, x: Array, mode: str, mask: Array | None, image: Array | None,
-               cache: dict[str, Array] | None, position: Array | None,
-               train: bool) -> tuple[Array, dict[str, Array] | None]:
-    """x [B, T, W]; mask [B, 1, T, T] (None with a cache); image [B, n, Wi] (None in mode
-    'text' or with a cache). Returns (x [B, T, W], updated cache or None)."""
+  def __call__(self, x: Array, mode: str, mask: Array | None, context: Array | None,
+               context_mask: Array | None, cache: dict[str, Array] | None,
+               position: Array | None, train: bool
+               ) -> tuple[Array, dict[str, Array] | None]:
+    """x [B, T, W]; mask [B, 1, T, T] (None with a cache); context [B, n, Wc] (None in mode
+    'text' or with a cache); context_mask [B, 1, 1, n] (True = a real context token) or None
+    (every token real; with a cache, the cache's cross_mask if it has one). Returns
+    (x [B, T, W], updated cache or None)."""
     if mode not in MODES:
       raise ValueError(f"Unknown MED mode {mode!r}; valid: {MODES}.")
     residual = lambda x, y: layers.constrain(x + self.drop(y, deterministic=not train),
@@ -149,17 +155,17 @@ class TextBlock(nn.Module):
     if mode != "text":
       y = self.cross_norm(x)
       if cache is None:
-        y = self.cross_attn(y, image, None, train)
+        y = self.cross_attn(y, context, context_mask, train)
       else:
-        y = self.cross_attn(y, None, None, train,
+        y = self.cross_attn(y, None, cache.get("cross_mask"), train,
                             keys_values=(cache["cross_key"], cache["cross_value"]))
       x = residual(x, y)
     x = residual(x, self.mlp(self.mlp_norm(x), train))
     return x, (None if cache is None else {**cache, **self_cache})
 
-  def cross_keys_values(self, image: Array, width: int) -> tuple[Array, Array]:
-    """The cross-attention's (keys, values) [B, n, heads, head_dim] of image [B, n, Wi]."""
-    return self.cross_attn.project_keys_values(image, width)
+  def cross_keys_values(self, context: Array, width: int) -> tuple[Array, Array]:
+    """The cross-attention's (keys, values) [B, n, heads, head_dim] of context [B, n, Wc]."""
+    return self.cross_attn.project_keys_values(context, width)
 
 
 class BlipText(nn.Module):
@@ -193,8 +199,9 @@ class BlipText(nn.Module):
         "pos_embedding",
         layers.partitioned(nn.initializers.normal(stddev=0.01), (None, None, "embed")),
         (1, self.max_len + 1, self.width), self.param_dtype)
-    # Arguments (self, x, mode, mask, image, cache, position, train): mode and train are static.
-    block_cls = stacks.block_class(TextBlock, self.remat, False, (2, 7))
+    # Arguments (self, x, mode, mask, context, context_mask, cache, position, train): mode
+    # and train are static.
+    block_cls = stacks.block_class(TextBlock, self.remat, False, (2, 8))
     self.blocks = [block_cls(self.mlp_dim, self.num_heads, dropout=self.dropout,
                              dtype=self.dtype, param_dtype=self.param_dtype,
                              name=f"textblock_{i}") for i in range(self.depth)]
@@ -211,13 +218,14 @@ class BlipText(nn.Module):
     x = layers.constrain(self.embedding(ids) + pos.astype(self.dtype), layers.ACT_SEQ)
     return self.drop(x, deterministic=not train)
 
-  def _run(self, x: Array, mode: str, mask: Array | None, image: Array | None,
-           caches: list | None, position: Array | None,
+  def _run(self, x: Array, mode: str, mask: Array | None, context: Array | None,
+           context_valid: Array | None, caches: list | None, position: Array | None,
            train: bool) -> tuple[Array, list | None]:
+    context_mask = None if context_valid is None else context_valid[:, None, None, :]
     new_caches = []
     for i, block in enumerate(self.blocks):
-      x, cache = block(x, mode, mask, image, None if caches is None else caches[i], position,
-                       train)
+      x, cache = block(x, mode, mask, context, context_mask,
+                       None if caches is None else caches[i], position, train)
       new_caches.append(cache)
     return self.norm(x), (None if caches is None else new_caches)
 
@@ -231,33 +239,46 @@ class BlipText(nn.Module):
     valid = jnp.concatenate([jnp.ones((batch, 1), bool), tokens != self.pad_id], axis=1)
     return ids, valid
 
+  def valid(self, tokens: Array) -> Array:
+    """[B, L+1] bool: which states of encode(tokens) are real (the special token and every
+    non-pad token), the key mask of a cross-attention that reads them."""
+    return self._inputs("cls", tokens)[1]
+
   def encode(self, tokens: Array, image: Array | None = None, train: bool = False) -> Array:
     """tokens [B, L] -> states [B, L+1, W]: [CLS] ++ tokens in mode 'text' (image None), or
     [ENC] ++ tokens in mode 'itm' cross-attending to image [B, n, Wi]."""
     ids, valid = self._inputs("cls" if image is None else "enc", tokens)
     x = self._embed(ids, 0, train)
     return self._run(x, "text" if image is None else "itm", fusion.padding_mask(valid), image,
-                     None, None, train)[0]
+                     None, None, None, train)[0]
 
-  def decode(self, tokens: Array, image: Array, train: bool = False) -> Array:
+  def decode(self, tokens: Array, context: Array, train: bool = False,
+             context_valid: Array | None = None) -> Array:
     """Teacher forcing: [DEC] ++ tokens[:, :-1] -> states [B, L, W]; state p sees inputs
-    0..p only (causal), so it carries the prediction of tokens[:, p]."""
+    0..p only (causal), so it carries the prediction of tokens[:, p]. The cross-attention
+    reads context [B, n, Wc] (the image tokens, or BlipVqa's question states), only where
+    context_valid [B, n] is True (None: everywhere)."""
     ids, valid = self._inputs("dec", tokens[:, :-1])
     length = ids.shape[1]
     causal = jnp.tril(jnp.ones((length, length), bool))
     mask = (causal[None, None] & valid[:, None, None, :]) | jnp.eye(length, dtype=bool)
     x = self._embed(ids, 0, train)
-    return self._run(x, "lm", mask, image, None, None, train)[0]
+    return self._run(x, "lm", mask, context, context_valid, None, None, train)[0]
 
-  def init_cache(self, image: Array, length: int) -> list[dict[str, Array]]:
+  def init_cache(self, context: Array, length: int,
+                 context_valid: Array | None = None) -> list[dict[str, Array]]:
     """Per-block decoding caches for `length` positions: empty self-attention keys/values and
-    the image's cross-attention keys/values (computed here, once)."""
+    the context's cross-attention keys/values (computed here, once), with the context's key
+    mask (cross_mask [B, 1, 1, n]) when context_valid is given."""
     caches = []
     for block in self.blocks:
-      cache = layers.init_kv_cache(image.shape[0], length, self.width, self.num_heads,
+      cache = layers.init_kv_cache(context.shape[0], length, self.width, self.num_heads,
                                    self.dtype)
-      keys, values = block.cross_keys_values(image, self.width)
-      caches.append({**cache, "cross_key": keys, "cross_value": values})
+      keys, values = block.cross_keys_values(context, self.width)
+      cache.update(cross_key=keys, cross_value=values)
+      if context_valid is not None:
+        cache["cross_mask"] = context_valid[:, None, None, :]
+      caches.append(cache)
     return caches
 
   def decode_step(self, ids: Array, position: Array,
@@ -265,7 +286,7 @@ class BlipText(nn.Module):
     """ids [B, T] at positions position .. + T - 1 (ids[:, 0] = [DEC] at position 0) through
     the decoder with the caches -> (states [B, T, W], updated caches)."""
     x = self._embed(ids, position, False)
-    return self._run(x, "lm", None, None, caches, position, False)
+    return self._run(x, "lm", None, None, None, caches, position, False)
 
 
 class Blip(nn.Module):
@@ -287,18 +308,14 @@ class Blip(nn.Module):
 
   def setup(self):
     self.img = fusion.cls_vit(self.image, self.dtype, self.param_dtype)
-    t = dict(self.text)
-    self.txt = BlipText(
-        t["vocab_size"], t["width"], t["depth"], t["mlp_dim"], t["num_heads"], t["max_len"],
-        pad_id=t.get("pad_id", 0), dropout=t.get("dropout", 0.0), remat=t.get("remat", False),
-        dtype=self.dtype, param_dtype=self.param_dtype)
+    self.txt = text_stack(self.text, self.dtype, self.param_dtype, "txt")
     sizes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     dense = fusion.dense
     self.img_proj = dense(self.embed_dim, ("embed", None), "img_proj", **sizes)
     self.txt_proj = dense(self.embed_dim, ("embed", None), "txt_proj", **sizes)
     self.itm_head = dense(2, ("embed", None), "itm_head", **sizes)
     # float32 logits: they feed a float32 log-softmax over the vocabulary.
-    self.lm_head = dense(t["vocab_size"], ("embed", "vocab"), "lm_head", jnp.float32,
+    self.lm_head = dense(self.text["vocab_size"], ("embed", "vocab"), "lm_head", jnp.float32,
                          self.param_dtype, nn.initializers.xavier_uniform())
     self.temp = layers.scalar_param(self, "temp", self.temperature_init, self.param_dtype)
 
@@ -341,3 +358,75 @@ class Blip(nn.Module):
     _, ztxt = self.encode_text(tokens, train)
     return {"zimg": zimg, "ztxt": ztxt, "itm": self.itm_logits(image_tokens, tokens, train),
             "lm": self.lm_logits(image_tokens, tokens, train), "temp": self.temperature()}
+
+
+def text_stack(text: Mapping[str, Any], dtype: Dtype, param_dtype: Dtype, name: str) -> BlipText:
+  """The BlipText of config.model.text (Blip.text / BlipVqa.text)."""
+  t = dict(text)
+  return BlipText(t["vocab_size"], t["width"], t["depth"], t["mlp_dim"], t["num_heads"],
+                  t["max_len"], pad_id=t.get("pad_id", 0), dropout=t.get("dropout", 0.0),
+                  remat=t.get("remat", False), dtype=dtype, param_dtype=param_dtype,
+                  name=name)
+
+
+class BlipVqa(nn.Module):
+  """BLIP's VQA model: an answer decoder reading the image-grounded question.
+
+    image -> ViT -> image tokens [B, 1 + n, Wi]
+    [ENC] ++ question -> txt, mode 'itm' (cross-attention to the image tokens)
+        -> question states [B, Lq + 1, W]
+    [DEC] ++ answer[:-1] -> dec, mode 'lm' (causal; cross-attention to the question states,
+        their padding masked out) -> lm_head [N, La, vocab_size]
+
+  As BLIP's BLIP_VQA, the question encoder and the answer decoder are two text stacks that
+  fine-tuning trains apart; both start from the one pre-trained MED (configs/blip_vqa.py maps
+  txt/ to both), so they start equal in every weight but the self-attention. txt/ has no
+  dec_attn and dec/ no enc_attn: a mode creates the weights it runs. The decoder's
+  cross-attention read image tokens (width Wi) in pre-training and reads question states
+  (width W) here; its pre-trained weights fit when Wi == W, as in every BLIP with ViT-B.
+
+  Parameter tree: img/ (VisionTransformer), txt/ (BlipText), dec/ (BlipText), lm_head
+  (W -> vocab_size, float32 logits).
+  """
+  image: Mapping[str, Any]
+  text: Mapping[str, Any]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.img = fusion.cls_vit(self.image, self.dtype, self.param_dtype)
+    self.txt = text_stack(self.text, self.dtype, self.param_dtype, "txt")
+    self.dec = text_stack(self.text, self.dtype, self.param_dtype, "dec")
+    self.lm_head = fusion.dense(self.text["vocab_size"], ("embed", "vocab"), "lm_head",
+                                jnp.float32, self.param_dtype, nn.initializers.xavier_uniform())
+
+  def encode_question(self, images: Array, question: Array,
+                      train: bool = False) -> tuple[Array, Array]:
+    """images [B, H, W, 3], question [B, Lq] -> (question states [B, Lq + 1, W] ([ENC]
+    first), valid [B, Lq + 1] bool: the states that are not padding)."""
+    image_tokens = self.img(images, train)
+    return self.txt.encode(question, image_tokens, train), self.txt.valid(question)
+
+  def answer_logits(self, states: Array, valid: Array, answers: Array,
+                    train: bool = False) -> Array:
+    """Teacher forcing: answers [N, La] given question states [N, Lq + 1, W] (valid
+    [N, Lq + 1]) -> [N, La, vocab_size] float32; logits[:, p] is the distribution of
+    answers[:, p] given [DEC] and answers[:, :p]."""
+    return self.lm_head(self.dec.decode(answers, states, train, valid)).astype(jnp.float32)
+
+  def init_decode_cache(self, states: Array, valid: Array, length: int) -> list:
+    """The answer decoder's KV caches for `length` positions (the question states' keys and
+    values projected once, their padding masked)."""
+    return self.dec.init_cache(states, length, valid)
+
+  def decode_step(self, ids: Array, position: Array, caches: list) -> tuple[Array, list]:
+    """ids [B, T] at positions position .. + T - 1 -> (logits [B, T, vocab_size] float32,
+    caches); [DEC] (special_ids(vocab_size)['dec']) goes in at position 0."""
+    states, caches = self.dec.decode_step(ids, position, caches)
+    return self.lm_head(states).astype(jnp.float32), caches
+
+  def __call__(self, images: Array, question: Array, answers: Array,
+               train: bool = False) -> Array:
+    """Every part once (what init uses): the answer logits [B, La, vocab_size]."""
+    states, valid = self.encode_question(images, question, train)
+    return self.answer_logits(states, valid, answers, train)
