@@ -270,7 +270,7 @@ def test_finetuning_from_blip_lowers_the_loss(started, tok, mesh):
   assert set(batch) == set(setup.objective.batch_fields())
   # A copy: the step donates its state, and the module's fixture keeps the loaded params.
   state = state.replace(params=jax.tree.map(jnp.copy, params))
-  losses, metrics = train_helpers.repeat_step(config, setup, state, batch, mesh, 6)
+  losses, metrics, _ = train_helpers.repeat_step(config, setup, state, batch, mesh, 6)
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
   assert float(metrics["train/answer_weight"]) == pytest.approx(1.0)  # synthetic: one answer
 

@@ -31,6 +31,8 @@ def test_every_config_loads_and_validates(path, arg):
   if path.endswith(("lit.py", "snli_ve.py", "nlvr2.py", "blip_vqa.py")) or (
       path.endswith("pali.py") and "paper" in arg):
     arg = ",".join(a for a in (arg, "init=/runs/siglip") if a)
+  if path.endswith("vqkd.py"):  # distils a SigLIP run's image encoder
+    arg = ",".join(a for a in (arg, "teacher=/runs/siglip") if a)
   config = configlib.load_config_file(f"{path}:{arg}" if arg else path)
   assert config.objective
   # The paper recipes describe the global batch of 32k on (say) 256 chips; BLIP's batch of

@@ -252,7 +252,7 @@ def test_finetuning_starts_from_the_albef_encoders_and_lowers_the_loss(
   # A few steps on one real batch of the task from the loaded weights.
   batch = train_helpers.first_batch(config, setup.objective, tok)
   assert set(batch) == set(setup.objective.batch_fields())
-  losses, _ = train_helpers.repeat_step(config, setup, state.replace(params=params), batch,
+  losses, _, _ = train_helpers.repeat_step(config, setup, state.replace(params=params), batch,
                                         mesh, 6)
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.8 * losses[0], losses
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from vljax import configlib, init_weights, interop, optim, predict, sharding, train
+from vljax import evaluate as evaluate_lib
 from vljax.checkpoint import load_exported_params
 from vljax.data import tokenizer as tokenizer_lib
 from vljax.interop import __main__ as cli
@@ -208,6 +209,26 @@ def test_export_loads_through_vljax_predict(exports, ref):
   predictor = predict.load(exports["hf"])
   zimg = predictor.objective.embed_images(predictor.params, ref["images"])
   np.testing.assert_allclose(np.asarray(zimg), ref["zimg"], rtol=0, atol=TOL)
+
+
+def test_vljax_evaluate_scores_an_export_directory(exports, tmp_path):
+  directory = shutil.copytree(exports["hf"], str(tmp_path / "hf"))
+  config = configlib.apply_overrides(configlib.load_run_config(directory), [
+      "data.eval=synthetic", "eval.max_examples.zeroshot=40",
+      "eval.max_examples.retrieval=40"])
+  results = evaluate_lib.evaluate(config, directory)
+  assert results["eval/zeroshot_examples"] == 40 and results["eval/retrieval_images"] == 40
+  with open(os.path.join(directory, "evaluations.jsonl")) as f:
+    assert json.loads(f.readlines()[-1])["checkpoint_step"] is None
+  # The export's own weights were scored: the same evaluation of them in memory agrees, and
+  # the freshly initialised model scores otherwise.
+  predictor = predict.load(directory)
+  evaluator = train.make_evaluator(config, predictor.objective, predictor.tokenizer,
+                                   predictor.mesh, predictor.rules)
+  assert evaluator(predictor.params) == results
+  fresh = train.init_state(train.build(config, predictor.tokenizer, predictor.mesh,
+                                       epoch_size=None), seed=0).params
+  assert evaluator(fresh) != results
 
 
 def test_command_line_imports_and_exports(tmp_path, capsys):

@@ -1,5 +1,4 @@
 """ITM re-ranking of ITC retrieval candidates against a dense single-device reference."""
-import jax
 import numpy as np
 import pytest
 

@@ -86,7 +86,8 @@ def first_batch(config, objective, tokenizer, n=16):
 
 
 def repeat_step(config, setup, state, batch, mesh, n):
-  """(losses, last metrics) of n train steps on the one `batch` from `state` (donated)."""
+  """(losses, last metrics, final state) of n train steps on the one `batch` from `state`
+  (donated)."""
   step = train.make_train_step(setup, config.nan_policy)
   losses = []
   with jax.set_mesh(mesh), nn.logical_axis_rules(setup.rules):
@@ -94,7 +95,7 @@ def repeat_step(config, setup, state, batch, mesh, n):
     for _ in range(n):
       state, metrics = step(state, placed, jax.random.key(1))
       losses.append(float(metrics["train/loss"]))
-  return losses, metrics
+  return losses, metrics, state
 
 
 def greedy_by_full_passes(full_logits, rows, length, pad_id, eos_id):

@@ -1,6 +1,10 @@
-"""Standalone evaluation of the latest checkpoint in a workdir.
+"""Standalone evaluation of the latest checkpoint in a workdir, or of an export directory.
 
 python -m vljax.evaluate --workdir=DIR [--config=configs/NAME.py[:args]] [--config.a.b=v ...]
+
+DIR is a workdir (its latest checkpoint), an export directory (DIR/params, config.json and
+tokenizer.model: `python -m vljax.interop import` writes one from Hugging Face, big_vision or
+open_clip weights) or a workdir holding only its export (DIR/export/params).
 
 Starts from the config the run was trained with (WORKDIR/config.json) and the tokenizer it
 saved, so the evaluation sees exactly the run's eval sets and preprocessing; --config replaces
@@ -28,10 +32,10 @@ def evaluate(config, workdir: str) -> dict[str, float]:
 
   train.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config.mesh)
-  setup, tokenizer, step, state = train.load_latest(config, workdir, mesh)
+  setup, tokenizer, params, step = train.load_for_inference(config, workdir, mesh)
   evaluator = train.make_evaluator(config, setup.objective, tokenizer, mesh, setup.rules)
-  results = evaluator(state.params)
-  record = {"checkpoint_step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+  results = evaluator(params)
+  record = {"checkpoint_step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "sources": dict(evaluator.sources),
             "overrides": [a for a in sys.argv[1:] if a.startswith("--config")],
             **{k: float(v) for k, v in sorted(results.items())}}
@@ -40,7 +44,8 @@ def evaluate(config, workdir: str) -> dict[str, float]:
       f.write(json.dumps(record) + "\n")
   for name, value in sorted(results.items()):
     print(f"{name} = {value:.4g}")
-  print(f"(checkpoint step {step}; sources {record['sources']}; appended to "
+  weights = "exported params" if step is None else f"checkpoint step {step}"
+  print(f"({weights}; sources {record['sources']}; appended to "
         f"{os.path.join(workdir, EVALUATIONS_FILE)})")
   return results
 

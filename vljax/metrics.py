@@ -95,6 +95,7 @@ def progress_line(step: int, total: int, scalars: Mapping[str, float]) -> str:
   """'step 120/1000 | loss 3.21 | lr 1.0e-03 | ...' from the metrics worth reading at a glance."""
   short = [("train/loss", "loss", "{:.4f}"), ("train/lr", "lr", "{:.2e}"),
            ("train/scale", "t", "{:.2f}"), ("train/bias", "b", "{:.2f}"),
+           ("train/teacher_cosine", "cos", "{:.3f}"), ("train/codebook_usage", "codes used", "{:.1%}"),
            ("train/grad_norm", "|g|", "{:.3f}"), ("perf/step_time_s", "s/step", "{:.3f}"),
            ("perf/examples_per_s", "ex/s", "{:.1f}"),
            ("perf/examples_per_s_per_device", "ex/s/dev", "{:.1f}"),

@@ -216,3 +216,30 @@ def small_blip_vqa(config, scale: str) -> None:
   config.vqa.answer_len = s["answer_len"]
   config.vqa.answers_per_question = s["answers_per_question"]
   _small_run(config, s)
+
+
+# Small VQ-KD sizes: the encoder is the small SigLIP's ViT (the teacher's size and token grid),
+# one decoder layer of the same width, a codebook of 256 codes of width 32 (BEiT v2: 8192 x 32;
+# a laptop batch has 128 x 16 = 2,048 patch vectors), usage EMA over about ten steps.
+SMALL_VQKD = {
+    "laptop": dict(image_size=32, patch=8, width=128, depth=4, mlp_dim=512, heads=4,
+                   decoder_depth=1, num_codes=256, code_dim=32, max_len=24, batch_size=128,
+                   total_steps=600, warmup_steps=60, lr=1e-3, log_every=50, eval_every=300,
+                   ckpt_every=300),
+    "tiny": dict(image_size=16, patch=8, width=32, depth=1, mlp_dim=64, heads=2,
+                 decoder_depth=1, num_codes=16, code_dim=8, max_len=8, batch_size=16,
+                 total_steps=4, warmup_steps=1, lr=1e-3, log_every=1, eval_every=-1,
+                 ckpt_every=2),
+}
+
+
+def small_vqkd(config, scale: str) -> None:
+  """Fills `config` (a base_train_config) with one of the SMALL_VQKD sizes."""
+  s = _preset(SMALL_VQKD, scale)
+  layer = dict(width=s["width"], mlp_dim=s["mlp_dim"], num_heads=s["heads"])
+  config.model.encoder = dict(layer, depth=s["depth"], patch_size=(s["patch"], s["patch"]),
+                              posemb="learn")
+  config.model.decoder = dict(layer, depth=s["decoder_depth"])
+  config.model.num_codes = s["num_codes"]
+  config.model.code_dim = s["code_dim"]
+  _small_run(config, s)

@@ -189,7 +189,6 @@ def load(directory: str) -> Predictor:
   it fits the devices here, else all devices on the data axis.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from vljax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from vljax import configlib, sharding, train  # pylint: disable=g-import-not-at-top
 
   config = configlib.load_run_config(directory)
@@ -198,13 +197,7 @@ def load(directory: str) -> Predictor:
     mesh = sharding.make_mesh(config.mesh)
   except configlib.ConfigError:
     mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
-  if os.path.isdir(os.path.join(directory, "checkpoints")):
-    setup, tokenizer, _, state = train.load_latest(config, directory, mesh)
-    params = state.params
-  else:
-    tokenizer = train.run_tokenizer(config, directory)
-    setup = train.build(config, tokenizer, mesh, epoch_size=None)
-    params = ckpt_lib.load_exported_params(directory, setup.abstract_state.params)
+  setup, tokenizer, params, _ = train.load_for_inference(config, directory, mesh)
   return Predictor(config, tokenizer, setup.objective, params, mesh, setup.rules)
 
 

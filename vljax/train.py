@@ -183,6 +183,16 @@ def batch_on_host_shapes(fields: dict[str, Any], batch_size: int,
           for name, f in fields.items()}
 
 
+def optimizer_config(config: ml_collections.ConfigDict, objective) -> ml_collections.ConfigDict:
+  """config.optim with the objective's rule-updated parameters frozen as well: the optimizer
+  leaves them alone (no gradient, state or decay) and the objective sets them after each step."""
+  if not objective.rule_updated_params:
+    return config.optim
+  optim_config = ml_collections.ConfigDict(config.optim.to_dict())
+  optim_config.freeze = list(config.optim.freeze) + list(objective.rule_updated_params)
+  return optim_config
+
+
 def build(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh,
           epoch_size: int | None, objective=None) -> Setup:
   """Builds objective, optimizer and the sharded-state plan (nothing is allocated yet).
@@ -214,7 +224,8 @@ def build(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh,
   extra_shardings = sharding.logical_to_shardings(boxed_extra, mesh, rules)
   abstract_params = nn.meta.unbox(boxed)
   abstract_extra = nn.meta.unbox(boxed_extra)
-  tx, schedule = optim.make_optimizer(config.optim, abstract_params, total_steps, warmup_steps)
+  optim_config = optimizer_config(config, objective)
+  tx, schedule = optim.make_optimizer(optim_config, abstract_params, total_steps, warmup_steps)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   state_shardings = TrainState(
       step=NamedSharding(mesh, P()), params=param_shardings,
@@ -239,7 +250,7 @@ def build(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh,
   image_options = preprocess.image_options_from_config(config.data, config.data.image_size,
                                                        train=True)
   return Setup(mesh, rules, objective, tx, schedule, state_shardings, abstract_state, init_fn,
-               total_steps, optim.frozen_mask(config.optim, abstract_params), image_options,
+               total_steps, optim.frozen_mask(optim_config, abstract_params), image_options,
                fields, _batch_shardings(fields, mesh, rules), init_extra_fn,
                _grad_accum_steps(config, objective))
 
@@ -397,6 +408,7 @@ def make_train_step(setup: Setup, nan_policy: str = "stop") -> Callable:
           state.extra, batch, step_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    params = objective.update_rule_params(params, state.extra, outputs, state.step)
     extra = objective.update_extra(state.extra, params, outputs, state.step)
     # Frozen gradients are zeros: the norm is that of the trained parameters' gradient.
     grad_norm = optax.tree.norm(grads)
@@ -640,6 +652,29 @@ def load_latest(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
   return setup, tokenizer, step, state
 
 
+def load_for_inference(config: ml_collections.ConfigDict, directory: str, mesh: Mesh):
+  """Builds `config`'s objective and loads the weights in `directory` onto `mesh`: a workdir's
+  latest checkpoint, else the params of an export directory (DIR/params, e.g. one written by
+  `python -m vljax.interop import`) or of a workdir's export (DIR/export/params).
+
+  Returns (setup, tokenizer, params, step): step is the checkpoint's, None for an export.
+  """
+  checkpoints = os.path.join(directory, "checkpoints")
+  if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    setup, tokenizer, step, state = load_latest(config, directory, mesh)
+    return setup, tokenizer, state.params, int(step)
+  for params_dir in (directory, os.path.join(directory, "export")):
+    if os.path.isdir(os.path.join(params_dir, "params")):
+      tokenizer = run_tokenizer(config, directory)
+      setup = build(config, tokenizer, mesh, epoch_size=None)
+      params = ckpt_lib.load_exported_params(params_dir, setup.abstract_state.params)
+      return setup, tokenizer, params, None
+  raise FileNotFoundError(
+      f"{os.path.abspath(directory)} has no checkpoints/ (a workdir), params/ (an export "
+      f"directory) or export/params/: train first with python -m vljax.main --config=... "
+      f"--workdir={directory}, or import weights with python -m vljax.interop import.")
+
+
 class DeviceBatches:
   """The training batches, placed on the devices `ahead` steps before the step takes them.
 
@@ -726,8 +761,10 @@ def _restore_or_init(config, setup: Setup, checkpointer, iterator):
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
       extra = jax.jit(setup.init_extra_fn, out_shardings=setup.state_shardings.extra)(params)
     state = state.replace(params=params, extra=extra)
-    frozen = set(optim.param_path(p) for p, f in
-                 jax.tree_util.tree_flatten_with_path(setup.frozen)[0] if f)
+    # Only what config.optim.freeze locks must come from config.init (an objective's
+    # rule-updated parameters may start fresh).
+    frozen = set(optim.param_path(p) for p, f in jax.tree_util.tree_flatten_with_path(
+        optim.frozen_mask(config.optim, state.params))[0] if f)
     unloaded_frozen = sorted(frozen - set(loaded))
     if unloaded_frozen:
       raise ConfigError(

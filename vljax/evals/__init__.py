@@ -11,7 +11,9 @@ Objectives with embed_images/embed_texts get zero-shot top-1 and retrieval recal
 (objectives with an ITM head, itm_scores, rank ITC candidates by it: config.eval.itm_rerank_k);
 objectives with generate(params, images, max_len) get captioning CIDEr-D and BLEU-4 on the
 retrieval set's images against its captions; objectives that also ask questions (vqa_prefix) get
-VQA accuracy on the 'vqa' set ({'image', 'question', 'answers', 'answer_type'}). Every evaluation also reports what it scored
+VQA accuracy on the 'vqa' set ({'image', 'question', 'answers', 'answer_type'}); visual
+tokenizers (tokenizer_outputs) get codebook usage and reconstruction on the held-out images
+(vljax.evals.tokenizer). Every evaluation also reports what it scored
 (eval/zeroshot_examples, eval/retrieval_images, ...; docs/evaluation.md).
 """
 from __future__ import annotations
@@ -267,4 +269,9 @@ def build_evaluator(config, objective, eval_sets: dict[str, Any], tokenizer, mes
     scored.add("classification")
     parts.append(classification.ClassificationEvaluator(
         objective, eval_sets, tokenizer, config.data.max_len, mesh, config.eval.batch_size))
+  if hasattr(objective, "tokenizer_outputs") and ({"retrieval", "zeroshot"} & set(eval_sets)):
+    from vljax.evals import tokenizer  # pylint: disable=g-import-not-at-top
+    scored.add("retrieval" if "retrieval" in eval_sets else "zeroshot")
+    parts.append(tokenizer.TokenizerEvaluator(objective, eval_sets, mesh,
+                                              config.eval.batch_size))
   return Evaluator(parts, mesh, rules, {name: eval_sets[name] for name in sorted(scored)})

@@ -28,6 +28,14 @@ what the objective declares, and never names a batch key or a family:
                                the new state, called once per step inside the jitted step AFTER
                                the optimizer update (`params` are the updated weights, as an EMA
                                needs; `step` is the index of the step just taken).
+  rule_updated_params          regexes (optim.param_path, as config.optim.freeze) of parameters
+                               a rule sets instead of the gradient (an EMA codebook): the
+                               optimizer treats them as frozen (no gradient, no optimizer state,
+                               no decay), but they are exported and loaded like any parameter.
+  update_rule_params(params, extra, outputs, step)
+                               the params with those parameters' new values, called once per
+                               step right after the optimizer update and before update_extra
+                               (which sees the result).
 
 A field whose BatchField has `pixels_with` set is uint8 pixels on the host; the step normalises
 it on the device with the image options and the brightness deltas of the named field before the
@@ -120,3 +128,9 @@ class Objective:
   def update_extra(self, extra: Any, params: Any, outputs: Any, step: jax.Array) -> Any:
     del params, outputs, step
     return extra
+
+  rule_updated_params: tuple[str, ...] = ()
+
+  def update_rule_params(self, params: Any, extra: Any, outputs: Any, step: jax.Array) -> Any:
+    del extra, outputs, step
+    return params
