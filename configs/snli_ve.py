@@ -19,8 +19,14 @@ directory (override config.data.train / eval_classification).
 `scale=laptop` (default): the ALBEF laptop model on synthetic?task=snli_ve, 300 steps
 (python -m vljax.main --config=configs/snli_ve.py:init=/tmp/albef_laptop --workdir=/tmp/ve).
 
+`family=vlmo` fine-tunes a VLMo run (configs/vlmo.py, the image-text stage) instead: its
+Multiway transformer (mw/) in fused mode and its pooler start from DIR, the same head reads the
+pooled text [CLS] (vljax.models.fusion_heads.MultiwayClassifier). At scale=paper it keeps
+VLMo's 224 px and takes the task's ALBEF schedule above (VLMo's own fine-tuning recipes are not
+transcribed).
+
 Arguments (comma-separated k=v): init=DIR (required; or set config.init.path),
-scale=laptop|tiny|paper, variant=B/16.
+scale=laptop|tiny|paper, variant=B/16 (ALBEF), family=albef|vlmo.
 """
 import os
 
@@ -38,28 +44,50 @@ PAPER = {
 }
 
 
+# The pre-training run each family fine-tunes from: its config and the subtrees the classifier
+# takes from it (everything else of that run, ITC/ITM/MLM heads, is left behind).
+FAMILIES = {"albef": ("albef.py", "^(img|txt|fusion)/"), "vlmo": ("vlmo.py", "^(mw|pooler)/")}
+
+
 def finetune_config(task: str, arg=None):
   """The fine-tuning config of `task` ('snli_ve' or 'nlvr2'); configs/nlvr2.py shares it."""
-  args = configlib.parse_arg(arg, init="", scale="laptop", variant="B/16")
+  args = configlib.parse_arg(arg, init="", scale="laptop", variant="B/16", family="albef")
+  if args.family not in FAMILIES:
+    raise configlib.ConfigError(f"configs/{task}.py: family={args.family!r}; choose one of "
+                                f"{', '.join(FAMILIES)}.")
+  pretraining, encoders = FAMILIES[args.family]
   if not args.init:
     raise configlib.ConfigError(
-        f"configs/{task}.py needs the ALBEF run to start from: "
-        f"--config=configs/{task}.py:init=DIR, DIR an ALBEF workdir or export (e.g. "
-        f"/tmp/albef_laptop after python -m vljax.main --config=configs/albef.py "
-        f"--workdir=/tmp/albef_laptop).")
-  c = configlib.sibling_config(__file__, "albef.py").get_config(
-      f"scale={args.scale},variant={args.variant}")
+        f"configs/{task}.py needs the {args.family.upper()} run to start from: "
+        f"--config=configs/{task}.py:init=DIR, DIR a workdir or export (e.g. "
+        f"/tmp/{args.family}_laptop after python -m vljax.main --config=configs/{pretraining} "
+        f"--workdir=/tmp/{args.family}_laptop).")
+  if args.family == "vlmo":
+    c = configlib.sibling_config(__file__, pretraining).get_config(f"scale={args.scale}")
+    # VLMo's stage settings name its heads (decay and freezing rules): none of them is here.
+    c.optim.freeze = []
+    c.optim.wd_mults = configlib.base_train_config().optim.wd_mults
+  else:
+    c = configlib.sibling_config(__file__, pretraining).get_config(
+        f"scale={args.scale},variant={args.variant}")
   c.objective = "fusion_classifier"
   c.task = task
-  c.loss = ml_collections.ConfigDict()  # cross-entropy only: no ALBEF loss settings
+  c.loss = ml_collections.ConfigDict()  # cross-entropy only: no pre-training loss settings
   c.init.path = args.init
-  c.init.mapping = [["^(img|txt|fusion)/", r"\1/"]]  # cls_head/ trains from scratch
+  if args.family == "vlmo":
+    # The fused mode runs the VL experts in the top blocks: their V and L experts (used by the
+    # image-only and text-only modes) are not part of the classifier.
+    t = c.model.transformer
+    top = "|".join(str(i) for i in range(t.depth - t.vl_depth, t.depth))
+    encoders = f"^(?!mw/block_(?:{top})/(?:ln|ffn)_[vl]/){encoders[1:]}"
+  c.init.mapping = [[encoders, r"\1/"]]  # cls_head/ trains from scratch
   c.tokenizer.path = os.path.join(args.init, "tokenizer.model")  # the run's own tokenizer
   c.data.eval = ""  # no zero-shot / retrieval: the classification set only
   if args.scale == "paper":
     train, heldout, batch, epochs, warmup = PAPER[task]
     c.data.train, c.data.eval_classification = train, heldout
-    c.data.image_size = 384
+    if args.family == "albef":  # VLMo keeps its 224 px (its image positions are not resampled)
+      c.data.image_size = 384
     c.data.augment.inception_crop = True  # ALBEF: random resized crop, scale (0.5, 1)
     c.data.augment.crop_scale = 0.5
     c.batch_size = batch
@@ -73,7 +101,7 @@ def finetune_config(task: str, arg=None):
     c.eval.every_steps = 2000
   else:
     c.data.train = c.data.eval_classification = f"synthetic?task={task}"
-    model_sizes.small_albef_finetune(c, args.scale)
+    model_sizes.small_finetune(c, args.family, args.scale)
   return c
 
 

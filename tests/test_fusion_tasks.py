@@ -179,20 +179,21 @@ def test_two_image_collation(tok):
 # ------------------------------------------------------------------ the model
 
 
-@pytest.fixture(scope="module")
-def nlvr2_model(tok):
-  objective = make_objective(_finetune_config("nlvr2"), tok)
+@pytest.fixture(scope="module", params=["albef", "vlmo"])
+def nlvr2_model(request, tok):
+  objective = make_objective(_finetune_config("nlvr2", f"/nonexistent,family={request.param}"),
+                             tok)
   rng = np.random.default_rng(0)
   images = [jnp.asarray(rng.uniform(-1, 1, (3, 16, 16, 3)), jnp.float32) for _ in range(2)]
   tokens = jnp.asarray(rng.integers(3, 40, (3, 8)), jnp.int32)
   params = objective.model.init(jax.random.key(0), images[0], tokens, images[1])["params"]
-  return objective, nn.unbox(params), images, tokens
+  return request.param, objective, nn.unbox(params), images, tokens
 
 
 def test_nlvr2_head_reads_the_two_fused_cls_states_side_by_side(nlvr2_model):
-  objective, params, (a, b), tokens = nlvr2_model
+  family, objective, params, (a, b), tokens = nlvr2_model
   model = objective.model
-  width = model.text["width"]
+  width = 32  # the tiny configs' width
   fused = lambda *imgs: model.apply({"params": params}, tokens, *imgs,
                                     method=model.fused_cls)
   pair, left, right = fused(a, b), fused(a), fused(b)
@@ -204,38 +205,56 @@ def test_nlvr2_head_reads_the_two_fused_cls_states_side_by_side(nlvr2_model):
   logits = objective.classify(params, a, tokens, b)
   assert logits.shape == (3, 2)
   assert np.abs(np.asarray(logits - objective.classify(params, b, tokens, a))).max() > 1e-4
-  assert sorted(params) == ["cls_head", "fusion", "img", "txt"]
+  assert sorted(params) == sorted(ENCODERS[family] + ("cls_head",))
   assert params["cls_head"]["hidden"]["kernel"].shape == (2 * width, width)
+  if family == "vlmo":  # the pooled text [CLS] of VLMo's fused mode, as its ITM head reads it
+    states = model.apply({"params": params}, tokens, a, method=lambda m, t, i: m.mw.fused(
+        m.mw.embed_image(i), t, False))
+    pooled = np.tanh(np.asarray(states[:, 0]) @ params["pooler"]["kernel"] +
+                     params["pooler"]["bias"])
+    np.testing.assert_allclose(left, pooled, atol=1e-5)
 
 
 # ------------------------------------------------------------------ loading and training
 
 
 @pytest.fixture(scope="module")
-def albef_export(tmp_path_factory, tok):
-  """A tiny ALBEF model's params exported to a workdir, and the params."""
-  config = train_helpers.tiny_config("albef")
-  mesh = sharding.make_mesh({"data": 8})
-  setup = train.build(config, tok, mesh, epoch_size=None)
-  params = train.init_state(setup, seed=3).params
-  workdir = str(tmp_path_factory.mktemp("albef"))
-  checkpoint.export_params(workdir, params, config.to_json())
-  return workdir, _named(params)
+def pretrained(tmp_path_factory, tok):
+  """family -> (workdir with a tiny ALBEF / VLMo model's params exported, the params)."""
+  runs = {}
+
+  def get(family):
+    if family not in runs:
+      config = train_helpers.tiny_config(family)
+      mesh = sharding.make_mesh({"data": 8})
+      setup = train.build(config, tok, mesh, epoch_size=None)
+      params = train.init_state(setup, seed=3).params
+      workdir = str(tmp_path_factory.mktemp(family))
+      checkpoint.export_params(workdir, params, config.to_json())
+      runs[family] = workdir, _named(params)
+    return runs[family]
+
+  return get
 
 
-@pytest.mark.parametrize("task", ["snli_ve", "nlvr2"])
-def test_finetuning_starts_from_the_albef_encoders_and_lowers_the_loss(
-    task, albef_export, tok):
-  workdir, source = albef_export
-  config = _finetune_config(task, workdir, "optim.warmup_steps=0", "optim.lr=3e-3",
-                            "optim.schedule=constant")
+# The subtrees each family's classifier takes from its pre-training run.
+ENCODERS = {"albef": ("img", "txt", "fusion"), "vlmo": ("mw", "pooler")}
+
+
+@pytest.mark.parametrize("task,family", [("snli_ve", "albef"), ("nlvr2", "albef"),
+                                         ("nlvr2", "vlmo")])
+def test_finetuning_starts_from_the_pretrained_encoders_and_lowers_the_loss(
+    task, family, pretrained, tok):
+  workdir, source = pretrained(family)
+  config = _finetune_config(task, f"{workdir},family={family}", "optim.warmup_steps=0",
+                            "optim.lr=3e-3", "optim.schedule=constant")
   mesh = sharding.make_mesh({"data": 8})
   setup = train.build(config, tok, mesh, epoch_size=None)
   state = train.init_state(setup, seed=0)
   params, names = init_weights.load_initial_params(config.init, state.params,
                                                    log=lambda _: None)
   loaded, fresh = _named(params), _named(state.params)
-  encoders = [n for n in loaded if n.split("/")[0] in ("img", "txt", "fusion")]
+  encoders = [n for n in loaded if n.split("/")[0] in ENCODERS[family]]
   assert sorted(names) == sorted(encoders) and len(encoders) > 20
   for name in encoders:
     np.testing.assert_array_equal(loaded[name], source[name], err_msg=name)
@@ -246,8 +265,8 @@ def test_finetuning_starts_from_the_albef_encoders_and_lowers_the_loss(
   assert len(heads) == 4
   for name in heads:
     np.testing.assert_array_equal(loaded[name], fresh[name])
-  # The ALBEF-only parameters are not part of the fine-tuned model.
-  assert sorted({n.split("/")[0] for n in loaded}) == ["cls_head", "fusion", "img", "txt"]
+  # The pre-training heads are not part of the fine-tuned model.
+  assert sorted({n.split("/")[0] for n in loaded}) == sorted(ENCODERS[family] + ("cls_head",))
 
   # A few steps on one real batch of the task from the loaded weights.
   batch = train_helpers.first_batch(config, setup.objective, tok)

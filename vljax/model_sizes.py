@@ -162,19 +162,12 @@ def small_blip(config, scale: str) -> None:
   _small_run(config, s)
 
 
-# Fine-tuning the small ALBEF models on SNLI-VE / NLVR2 (configs/snli_ve.py, configs/nlvr2.py):
-# the pretraining run's architecture and data sizes, a shorter schedule at a lower rate.
-SMALL_ALBEF_FINETUNE = {
-    "laptop": dict(SMALL_ALBEF["laptop"], total_steps=300, warmup_steps=30, lr=3e-4,
-                   eval_every=150, ckpt_every=300),
-    "tiny": dict(SMALL_ALBEF["tiny"]),
-}
-
-
-def small_albef_finetune(config, scale: str) -> None:
-  """The schedule of SMALL_ALBEF_FINETUNE[scale] on a config that already has the SMALL_ALBEF
-  architecture of `scale` (configs/albef.py's)."""
-  _small_run(config, _preset(SMALL_ALBEF_FINETUNE, scale))
+def _finetune(presets: dict[str, dict]) -> dict[str, dict]:
+  """Fine-tuning sizes on a pre-training preset table: its architecture and data sizes, and on
+  the laptop a shorter schedule (300 steps) at a lower rate."""
+  return {"laptop": dict(presets["laptop"], total_steps=300, warmup_steps=30, lr=3e-4,
+                         eval_every=150, ckpt_every=300),
+          "tiny": dict(presets["tiny"])}
 
 
 # Small VLMo sizes: one Multiway stack of the small ViT's width and depth whose top block has the
@@ -203,8 +196,7 @@ def small_vlmo(config, scale: str) -> None:
 # (the synthetic answers take 1 or 2, and EOS). The synthetic annotators agree, so one answer
 # slot keeps every answer.
 SMALL_BLIP_VQA = {
-    "laptop": dict(SMALL_BLIP["laptop"], total_steps=300, warmup_steps=30, lr=3e-4,
-                   eval_every=150, ckpt_every=300, answer_len=5, answers_per_question=1),
+    "laptop": dict(_finetune(SMALL_BLIP)["laptop"], answer_len=5, answers_per_question=1),
     "tiny": dict(SMALL_BLIP["tiny"], answer_len=4, answers_per_question=2),
 }
 
@@ -243,3 +235,14 @@ def small_vqkd(config, scale: str) -> None:
   config.model.num_codes = s["num_codes"]
   config.model.code_dim = s["code_dim"]
   _small_run(config, s)
+
+
+# Fine-tuning the small ALBEF or VLMo models on SNLI-VE / NLVR2 (configs/snli_ve.py,
+# configs/nlvr2.py; family=albef|vlmo).
+SMALL_FINETUNE = {"albef": _finetune(SMALL_ALBEF), "vlmo": _finetune(SMALL_VLMO)}
+
+
+def small_finetune(config, family: str, scale: str) -> None:
+  """The schedule of SMALL_FINETUNE[family][scale] on a config that already has that family's
+  small architecture of `scale` (configs/albef.py's or configs/vlmo.py's)."""
+  _small_run(config, _preset(SMALL_FINETUNE[family], scale))

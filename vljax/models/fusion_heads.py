@@ -1,4 +1,5 @@
-"""Fine-tuning heads on ALBEF's encoders: visual entailment (SNLI-VE) and NLVR2.
+"""Fine-tuning heads on ALBEF's encoders or VLMo's Multiway transformer: visual entailment
+(SNLI-VE) and NLVR2.
 
   image -> ViT -> image tokens ┐
   text  -> text encoder ───────┴-> fusion encoder -> fused [CLS] ─────────> cls_head -> [B, C]
@@ -16,6 +17,11 @@ Parameter tree:
   txt/...      AlbefTextEncoder, as Albef's
   fusion/...   FusionEncoder, as Albef's
   cls_head/    hidden (W -> W, or 2W -> W), out (W -> num_classes); trained from scratch
+
+MultiwayClassifier is the same head on VLMo (vljax.models.vlmo): [text ++ image] through the
+Multiway transformer's fused mode, the text [CLS] through VLMo's pooler (Dense, tanh; the ITM
+head's input), then cls_head; its tree is mw/, pooler/ (named as Vlmo's, so a VLMo run loads
+into them) and cls_head/.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from vljax.models import fusion
+from vljax.models import layers
+from vljax.models import multiway
 
 Array = jax.Array
 Dtype = Any
@@ -46,7 +54,24 @@ class ClassifierHead(nn.Module):
                         self.param_dtype)(x)
 
 
-class FusionClassifier(nn.Module):
+class PairClassifier(nn.Module):
+  """The classification over fused_cls, shared by the two encoders below (each has the
+  attributes `pair` and `cls_head`)."""
+
+  def fused_cls(self, tokens: Array, images: Array, images2: Array | None = None,
+                train: bool = False) -> Array:
+    raise NotImplementedError
+
+  def __call__(self, images: Array, tokens: Array, images2: Array | None = None,
+               train: bool = False) -> Array:
+    """[B, num_classes] float32 logits; `images2` is required when `pair`."""
+    if self.pair != (images2 is not None):
+      raise ValueError(f"{type(self).__name__}(pair={self.pair}) got "
+                       f"{'a' if images2 is not None else 'no'} second image batch.")
+    return self.cls_head(self.fused_cls(tokens, images, images2, train))
+
+
+class FusionClassifier(PairClassifier):
   """ALBEF's encoders + a classification head over the fused [CLS] (of one or two images).
 
   Attributes:
@@ -82,10 +107,42 @@ class FusionClassifier(nn.Module):
                         jnp.concatenate([valid, valid], axis=0), both, train)[:, 0]
     return jnp.concatenate([fused[:batch], fused[batch:]], axis=-1)
 
-  def __call__(self, images: Array, tokens: Array, images2: Array | None = None,
-               train: bool = False) -> Array:
-    """[B, num_classes] float32 logits; `images2` is required when `pair`."""
-    if self.pair != (images2 is not None):
-      raise ValueError(f"FusionClassifier(pair={self.pair}) got "
-                       f"{'a' if images2 is not None else 'no'} second image batch.")
-    return self.cls_head(self.fused_cls(tokens, images, images2, train))
+
+class MultiwayClassifier(PairClassifier):
+  """VLMo's Multiway transformer (fused mode) and pooler + a classification head over the
+  pooled text [CLS] (of one or two images).
+
+  Attributes:
+    transformer: multiway.Multiway keyword arguments, as vljax.models.vlmo.Vlmo's.
+    num_classes: 3 (SNLI-VE) or 2 (NLVR2).
+    pair: two images per example (NLVR2): cls_head reads [left ++ right] pooled states.
+  """
+  transformer: Mapping[str, Any]
+  num_classes: int
+  pair: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.mw = multiway.Multiway(**self.transformer, dtype=self.dtype,
+                                param_dtype=self.param_dtype)
+    width = self.transformer["width"]
+    # Vlmo's pooler, under its name (a VLMo run's pooler/ loads into it).
+    self.pooler = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                           kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
+                                                          ("embed", None)),
+                           bias_init=layers.partitioned(nn.initializers.zeros, (None,)))
+    self.cls_head = ClassifierHead(width, self.num_classes, dtype=self.dtype,
+                                   param_dtype=self.param_dtype)
+
+  def fused_cls(self, tokens: Array, images: Array, images2: Array | None = None,
+                train: bool = False) -> Array:
+    """The pooled fused text [CLS] [B, W], or for a pair [B, 2W] (left, right)."""
+    if images2 is None:
+      states = self.mw.fused(self.mw.embed_image(images), tokens, train)
+      return jnp.tanh(self.pooler(states[:, 0]))
+    # One pass over both images: the statement is fused with the left, then the right images.
+    batch = images.shape[0]
+    both = self.fused_cls(jnp.concatenate([tokens, tokens], axis=0),
+                          jnp.concatenate([images, images2], axis=0), None, train)
+    return jnp.concatenate([both[:batch], both[batch:]], axis=-1)

@@ -1,4 +1,5 @@
-"""Fine-tuning a fusion model (ALBEF) on SNLI-VE (visual entailment) or NLVR2.
+"""Fine-tuning a fusion model (ALBEF, or VLMo's Multiway transformer) on SNLI-VE (visual
+entailment) or NLVR2.
 
 config.task picks the task:
   snli_ve  an image and a hypothesis -> 3 classes (0 entailment, 1 neutral, 2 contradiction)
@@ -7,8 +8,9 @@ config.task picks the task:
 
   loss = cross-entropy of cls_head's logits (vljax.models.fusion_heads.FusionClassifier)
 
-The encoders (img/, txt/, fusion/) come from an ALBEF run through config.init (configs/snli_ve.py,
-configs/nlvr2.py); cls_head/ trains from scratch. No momentum model and no queues: ALBEF's
+The encoders (img/, txt/, fusion/; or VLMo's mw/ and pooler/ when config.model has a
+`transformer`) come from an ALBEF (VLMo) run through config.init (configs/snli_ve.py,
+configs/nlvr2.py, `family=`); cls_head/ trains from scratch. No momentum model and no queues: ALBEF's
 fine-tuning also distils from a momentum copy, which this objective leaves out (docs/fusion.md).
 
 Batch: 'image' (+ 'brightness'), for nlvr2 'image2' (+ 'brightness2'), 'text' [max_len] int32
@@ -30,6 +32,7 @@ from vljax.data import synthetic
 from vljax.models import fusion_heads
 from vljax.objectives import base
 from vljax.objectives import momentum_queues
+from vljax.objectives import vlmo
 
 # task -> (class names in id order, two images per example)
 TASKS: dict[str, tuple[tuple[str, ...], bool]] = {
@@ -50,11 +53,17 @@ class FusionClassifierObjective(base.Objective):
     self.num_classes = len(self.label_names)
     self.image_size, self.max_len = config.data.image_size, config.data.max_len
     self.tokenizer = tokenizer
-    kwargs = momentum_queues.model_kwargs(config, tokenizer)
-    for unused in ("embed_dim", "temperature_init"):  # ALBEF's ITC settings
-      kwargs.pop(unused, None)
-    self.model = fusion_heads.FusionClassifier(num_classes=self.num_classes, pair=self.pair,
-                                               **kwargs)
+    if "transformer" in config.model:  # VLMo's Multiway transformer
+      kwargs = vlmo.model_kwargs(config, tokenizer)
+      self.model = fusion_heads.MultiwayClassifier(
+          transformer=kwargs["transformer"], num_classes=self.num_classes, pair=self.pair,
+          dtype=kwargs["dtype"])
+    else:  # ALBEF's encoders
+      kwargs = momentum_queues.model_kwargs(config, tokenizer)
+      for unused in ("embed_dim", "temperature_init"):  # ALBEF's ITC settings
+        kwargs.pop(unused, None)
+      self.model = fusion_heads.FusionClassifier(num_classes=self.num_classes, pair=self.pair,
+                                                 **kwargs)
 
   def batch_fields(self) -> dict[str, base.BatchField]:
     fields = super().batch_fields()
