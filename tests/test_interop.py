@@ -9,8 +9,10 @@ import json
 import os
 import pickle
 import shutil
+import struct
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -256,6 +258,55 @@ def _hf_copy(tmp_path, edit):
   edit(arrays)
   st_numpy.save_file(arrays, str(directory / hf.WEIGHTS))
   return str(directory)
+
+
+def _write_bfloat16_safetensors(path, arrays):
+  """A .safetensors file written byte by byte, its float32 tensors stored as bfloat16
+  (safetensors' numpy writer has no bfloat16)."""
+  header, chunks, offset = {}, [], 0
+  for name, array in arrays.items():
+    if array.dtype == np.float32:
+      raw, dtype = array.astype(ml_dtypes.bfloat16).tobytes(), "BF16"
+    else:
+      raw, dtype = array.tobytes(), {np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}[
+          array.dtype]
+    header[name] = {"dtype": dtype, "shape": list(array.shape),
+                    "data_offsets": [offset, offset + len(raw)]}
+    chunks.append(raw)
+    offset += len(raw)
+  blob = json.dumps(header).encode()
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)) + blob + b"".join(chunks))
+
+
+def test_bfloat16_safetensors_are_read_as_float32(tmp_path):
+  values = np.asarray([[1.5, -2.0, 0.15625], [3.0e-3, 65280.0, -0.0]], np.float32)
+  path = str(tmp_path / "bf16.safetensors")
+  _write_bfloat16_safetensors(path, {"w": values, "n": np.arange(3, dtype=np.int64)})
+  arrays = tensors.read_safetensors(path).arrays
+  assert arrays["w"].dtype == np.float32 and arrays["n"].dtype == np.int64
+  np.testing.assert_array_equal(arrays["w"], values.astype(ml_dtypes.bfloat16).astype(np.float32))
+  assert arrays["w"][1, 0] != values[1, 0]  # 3e-3 is not a bfloat16: it was rounded
+  np.testing.assert_array_equal(arrays["n"], [0, 1, 2])
+
+
+def test_hf_import_of_a_bfloat16_checkpoint_equals_its_float32_values(tmp_path):
+  arrays = tensors.read_safetensors(os.path.join(HF_DIR, hf.WEIGHTS)).arrays
+  bf16_dir = tmp_path / "bf16"
+  shutil.copytree(HF_DIR, bf16_dir)
+  _write_bfloat16_safetensors(str(bf16_dir / hf.WEIGHTS), arrays)
+  # The same values in float32, through safetensors' own reader.
+  rounded = _hf_copy(tmp_path, lambda a: a.update(
+      {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in a.items()
+       if v.dtype == np.float32}))
+  got = load_exported_params(interop.import_checkpoint("hf", str(bf16_dir),
+                                                      str(tmp_path / "out_bf16")))
+  want = load_exported_params(interop.import_checkpoint("hf", rounded,
+                                                       str(tmp_path / "out_f32")))
+  got, want = _leaves(got), _leaves(want)
+  assert sorted(got) == sorted(want) and len(got) > 20
+  for name in got:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
 def _bv_copy(tmp_path, edit):

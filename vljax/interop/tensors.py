@@ -11,6 +11,7 @@ import struct
 import zipfile
 from typing import Iterable, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from vljax.configlib import ConfigError
@@ -119,10 +120,47 @@ def _safetensors_header(path: str) -> dict:
   return header
 
 
+# safetensors dtype names -> numpy dtypes, for the files safetensors' numpy reader refuses (it
+# has no bfloat16). bfloat16 tensors come back as float32, which holds every bfloat16 exactly.
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def _read_safetensors_bytes(path: str, header: dict) -> dict[str, np.ndarray]:
+  """Every tensor of a .safetensors file decoded from its bytes (little-endian, C order)."""
+  arrays = {}
+  with open(path, "rb") as f:
+    f.seek(8 + struct.unpack("<Q", f.read(8))[0])
+    data = f.read()
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+    if dtype is None:
+      raise InteropError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, which "
+                         f"vljax does not read (it reads {', '.join(_SAFETENSORS_DTYPES)}).")
+    start, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    array = np.frombuffer(data[start:end], dtype=np.dtype(dtype).newbyteorder("<"))
+    if array.size != int(np.prod(shape)):
+      raise InteropError(f"{path}: tensor {name!r} holds {array.size} values for its shape "
+                         f"{shape}.")
+    array = array.reshape(shape).astype(np.dtype(dtype).newbyteorder("="))
+    arrays[name] = array.astype(np.float32) if dtype == ml_dtypes.bfloat16 else array
+  return arrays
+
+
 def read_safetensors(path: str) -> TensorFile:
-  """A .safetensors file as numpy arrays (no torch: safetensors' numpy reader)."""
+  """A .safetensors file as numpy arrays (no torch): safetensors' numpy reader, or for a file
+  with bfloat16 tensors, which that reader refuses, the bytes decoded here (bfloat16 as
+  float32, exactly)."""
   _exists(path, ".safetensors")
-  _safetensors_header(path)
+  header = _safetensors_header(path)
+  if any(isinstance(info, dict) and info.get("dtype") == "BF16" for info in header.values()):
+    return TensorFile(path, _read_safetensors_bytes(path, header))
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
   try:
     arrays = st_numpy.load_file(path)
