@@ -25,8 +25,12 @@ pooled text [CLS] (vljax.models.fusion_heads.MultiwayClassifier). At scale=paper
 VLMo's 224 px and takes the task's ALBEF schedule above (VLMo's own fine-tuning recipes are not
 transcribed).
 
+`layer_decay=R` (family=vlmo; default 1, none) scales the learning rate of Multiway block k of
+L by R ** (L - k) and of the embeddings by R ** (L + 1), heads unscaled (BEiT's layer-wise
+decay; vljax.optim.layer_decay_lr_mults).
+
 Arguments (comma-separated k=v): init=DIR (required; or set config.init.path),
-scale=laptop|tiny|paper, variant=B/16 (ALBEF), family=albef|vlmo.
+scale=laptop|tiny|paper, variant=B/16 (ALBEF), family=albef|vlmo, layer_decay=1.0.
 """
 import os
 
@@ -34,6 +38,7 @@ import ml_collections
 
 from vljax import configlib
 from vljax import model_sizes
+from vljax import optim
 
 # task -> (paper train source, paper eval source, paper batch, epochs, warm-up epochs)
 PAPER = {
@@ -51,7 +56,8 @@ FAMILIES = {"albef": ("albef.py", "^(img|txt|fusion)/"), "vlmo": ("vlmo.py", "^(
 
 def finetune_config(task: str, arg=None):
   """The fine-tuning config of `task` ('snli_ve' or 'nlvr2'); configs/nlvr2.py shares it."""
-  args = configlib.parse_arg(arg, init="", scale="laptop", variant="B/16", family="albef")
+  args = configlib.parse_arg(arg, init="", scale="laptop", variant="B/16", family="albef",
+                             layer_decay=1.0)
   if args.family not in FAMILIES:
     raise configlib.ConfigError(f"configs/{task}.py: family={args.family!r}; choose one of "
                                 f"{', '.join(FAMILIES)}.")
@@ -81,6 +87,15 @@ def finetune_config(task: str, arg=None):
     top = "|".join(str(i) for i in range(t.depth - t.vl_depth, t.depth))
     encoders = f"^(?!mw/block_(?:{top})/(?:ln|ffn)_[vl]/){encoders[1:]}"
   c.init.mapping = [[encoders, r"\1/"]]  # cls_head/ trains from scratch
+  if args.layer_decay != 1.0:
+    if args.family != "vlmo":
+      raise configlib.ConfigError(f"configs/{task}.py: layer_decay={args.layer_decay} is for "
+                                  "family=vlmo (one stack of blocks).")
+    t = c.model.transformer
+    c.optim.lr_mults = optim.layer_decay_lr_mults(
+        float(args.layer_decay), t.depth, r"^mw/block_{}/",
+        r"^mw/(patch|img_cls|img_pos|img_mask_token|embedding|txt_cls|txt_pos)") + list(
+            c.optim.lr_mults)
   c.tokenizer.path = os.path.join(args.init, "tokenizer.model")  # the run's own tokenizer
   c.data.eval = ""  # no zero-shot / retrieval: the classification set only
   if args.scale == "paper":

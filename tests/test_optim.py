@@ -142,6 +142,34 @@ def test_freeze_and_lr_multipliers():
     optim.make_optimizer(_cfg(freeze=["^image/"]), PARAMS, 10, 0)
 
 
+def test_layer_wise_lr_decay():
+  rules = optim.layer_decay_lr_mults(0.5, 3, r"^mw/block_{}/", r"^mw/embed")
+  assert rules == [[r"^mw/embed", 0.0625], [r"^mw/block_0/", 0.125], [r"^mw/block_1/", 0.25],
+                   [r"^mw/block_2/", 0.5]]
+  params = {"mw": {"embed": jnp.ones(2), **{f"block_{k}": {"w": jnp.ones(2)} for k in range(3)}},
+            "head": jnp.ones(2)}
+  cfg = _cfg(lr=0.1, wd=0.0, schedule="constant", clip_norm=0.0, lr_mults=rules, wd_mults=[])
+  new, _ = _one_step(cfg, jax.tree.map(jnp.ones_like, params), params=params)
+  # Adam's first step moves by lr * mult (up to eps).
+  np.testing.assert_allclose(new["mw"]["embed"], 1 - 0.1 * 0.0625, rtol=1e-5)
+  for k in range(3):
+    np.testing.assert_allclose(new["mw"][f"block_{k}"]["w"], 1 - 0.1 * 0.5 ** (3 - k), rtol=1e-5)
+  np.testing.assert_allclose(new["head"], 1 - 0.1, rtol=1e-5)
+  with pytest.raises(configlib.ConfigError, match="must be in"):
+    optim.layer_decay_lr_mults(0.0, 3, r"^b_{}/", r"^e")
+  # The VLMo fine-tuning configs: every rule names parameters of the real tree.
+  config = configlib.load_config_file(os.path.join(
+      ROOT, "configs", "nlvr2.py:init=/w,family=vlmo,scale=tiny,layer_decay=0.5"))
+  assert config.optim.lr_mults[:3] == [[r"^mw/(patch|img_cls|img_pos|img_mask_token|embedding|"
+                                        r"txt_cls|txt_pos)", 0.125], [r"^mw/block_0/", 0.25],
+                                       [r"^mw/block_1/", 0.5]]
+  setup = train.build(config, tokenizer_lib.get_tokenizer(None),
+                      sharding.make_mesh({"data": 8}), epoch_size=None)
+  assert setup.tx is not None
+  with pytest.raises(configlib.ConfigError, match="family=vlmo"):
+    configlib.load_config_file(os.path.join(ROOT, "configs", "nlvr2.py:init=/w,layer_decay=0.5"))
+
+
 def test_frozen_kernel_is_not_decayed():
   zero = jax.tree.map(jnp.zeros_like, PARAMS)
   cfg = _cfg(lr=1e-3, wd=0.1, schedule="constant", clip_norm=0.0, freeze=["^img/"])

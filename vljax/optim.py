@@ -318,6 +318,26 @@ def _preconditioner(cfg: ml_collections.ConfigDict) -> optax.GradientTransformat
                              first_moment)
 
 
+def layer_decay_lr_mults(rate: float, depth: int, block: str,
+                         embeddings: str) -> list[list[Any]]:
+  """config.optim.lr_mults rules of layer-wise learning-rate decay (BEiT's fine-tuning recipe):
+  the parameters of block k (0-based, of `depth`) get rate ** (depth - k), the embeddings
+  rate ** (depth + 1), everything the rules do not match (heads, final norms) 1.
+
+  `block` is a regex with '{}' where the block index goes (e.g. r'^mw/block_{}/': the trailing
+  '/' keeps block_1 from matching block_10); `embeddings` a regex of the embedding parameters.
+  Prepend the rules to other lr_mults (the first match wins). A scanned stack, whose blocks are
+  one stacked parameter, cannot be told apart by path: use this with unrolled stacks.
+  """
+  if not 0.0 < rate <= 1.0:
+    raise ConfigError(f"layer-wise lr decay rate {rate} must be in (0, 1].")
+  if "{}" not in block:
+    raise ConfigError(f"layer-wise lr decay: the block pattern {block!r} needs a '{{}}' for "
+                      "the block index.")
+  return ([[embeddings, rate ** (depth + 1)]] +
+          [[block.format(k), rate ** (depth - k)] for k in range(depth)])
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int,
                    warmup_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimizer for a (possibly abstract) param tree. Returns (tx, lr schedule)."""
