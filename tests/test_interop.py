@@ -75,6 +75,38 @@ def test_import_matches_the_reference_model(exports, ref, fmt):
   _assert_parity(interop.load(exports[fmt]), ref)
 
 
+def test_open_clip_export_round_trips(exports, tmp_path):
+  imported = interop.import_checkpoint("open_clip", OPEN_CLIP_DIR, str(tmp_path / "in"))
+  out = interop.export_checkpoint("open_clip", imported, str(tmp_path / "out"))
+  source = tensors.read_safetensors(os.path.join(OPEN_CLIP_DIR, "open_clip_model.safetensors"))
+  written = tensors.read_safetensors(os.path.join(out, "open_clip_model.safetensors")).arrays
+  assert {k: v.shape for k, v in written.items()} == {
+      k: v.shape for k, v in source.arrays.items()}
+  for name, value in source.arrays.items():
+    if name not in ("visual.class_embedding", "visual.positional_embedding"):
+      np.testing.assert_array_equal(written[name], value, err_msg=name)
+  # CLIP's class token is class_embedding + positional_embedding[0]: the same sum, written
+  # with the position's share moved into the class embedding.
+  cls = lambda a: a["visual.class_embedding"] + a["visual.positional_embedding"][0]
+  np.testing.assert_array_equal(cls(written), cls(source.arrays))
+  np.testing.assert_array_equal(written["visual.positional_embedding"][1:],
+                                source.arrays["visual.positional_embedding"][1:])
+  with open(os.path.join(OPEN_CLIP_DIR, "open_clip_config.json")) as f:
+    want_config = json.load(f)
+  with open(os.path.join(out, "open_clip_config.json")) as f:
+    assert json.load(f) == want_config
+  again = interop.import_checkpoint("open_clip", out, str(tmp_path / "again"))
+  first, second = _leaves(load_exported_params(imported)), _leaves(load_exported_params(again))
+  assert sorted(first) == sorted(second)
+  for name in first:
+    np.testing.assert_array_equal(first[name], second[name], err_msg=name)
+  # A SigLIP model is not an open_clip CLIP: refused before anything is written.
+  with pytest.raises(interop.InteropError,
+                     match=r"model\.image\.\w+=.*; an open_clip CLIP ViT has"):
+    interop.export_checkpoint("open_clip", exports["hf"], str(tmp_path / "siglip"))
+  assert not os.path.exists(tmp_path / "siglip")
+
+
 @pytest.mark.parametrize("config", [None, "open_clip_config.json"])
 def test_open_clip_import_matches_the_reference_model(tmp_path, config):
   """A hub directory, or a weights file with the model config named apart."""

@@ -103,28 +103,37 @@ def export_checkpoint(fmt: str, workdir: str, out: str) -> str:
 
   hf: a Hugging Face SiglipModel directory `out` (config.json, model.safetensors and the
   tokenizer as spiece.model); big_vision: a .npz file `out` with big_vision's 'params/...'
-  names. Only SigLIP-shaped models convert (vljax.interop.siglip.spec_from_config says which
-  option does not fit otherwise). Returns what was written.
+  names; open_clip: an open_clip hub directory `out` (open_clip_config.json,
+  open_clip_model.safetensors, and the tokenizer as tokenizer.model). hf and big_vision take
+  SigLIP-shaped models (vljax.interop.siglip.spec_from_config says which option does not fit
+  otherwise), open_clip CLIP-shaped ones (vljax.interop.open_clip.model_config). Returns what
+  was written.
   """
   from vljax import checkpoint, configlib  # pylint: disable=g-import-not-at-top
   from vljax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from vljax.interop import big_vision, hf, siglip  # pylint: disable=g-import-not-at-top
+  from vljax.interop import big_vision, hf, open_clip, siglip  # pylint: disable=g-import-not-at-top
   from vljax.models import stacks  # pylint: disable=g-import-not-at-top
   if fmt not in EXPORT_FORMATS:
-    raise InteropError(f"Unknown export format {fmt!r}; choose one of {EXPORT_FORMATS} "
-                       f"(open_clip is not done yet).")
+    raise InteropError(f"Unknown export format {fmt!r}; choose one of {EXPORT_FORMATS}.")
   directory = _export_dir(workdir)
   config = configlib.load_run_config(directory)
-  spec = siglip.spec_from_config(config, directory)
+  tok = tokenizer_lib.load_from_dir(directory)
+  proto = tok.serialized_model if tok is not None else None
+  # The model's shape is checked (siglip.spec_from_config, open_clip.model_config) before
+  # anything is read or written.
+  spec = None if fmt == "open_clip" else siglip.spec_from_config(config, directory)
+  if fmt == "open_clip":
+    open_clip.model_config(config, config.model.get("bias_init") is not None, directory)
   params = stacks.to_layout(checkpoint.load_exported_params(directory), "unrolled")
   arrays = siglip.from_vljax(params)
+  if fmt == "open_clip":
+    return open_clip.write(out, config, arrays, proto)
   if fmt == "big_vision":
     return big_vision.write(out, arrays)
   if not spec.has_bias:
     raise InteropError(f"{directory}: the model has no logit bias (config.model.bias_init is "
                        f"None); a Hugging Face SiglipModel always has one.")
-  tok = tokenizer_lib.load_from_dir(directory)
-  return hf.write(out, spec, arrays, tok.serialized_model if tok is not None else None)
+  return hf.write(out, spec, arrays, proto)
 
 
 class ImportedModel:

@@ -1,4 +1,4 @@
-"""open_clip CLIP ViT checkpoints (state dict + model config) -> vljax.
+"""open_clip CLIP ViT checkpoints (state dict + model config) -> vljax, and back (`write`).
 
 SRC is a directory in the Hugging Face hub layout of open_clip (open_clip_config.json with
 {"model_cfg": ..., "preprocess_cfg": ...} and open_clip_model.safetensors or
@@ -19,6 +19,7 @@ too, vljax does not: the class token imports as class_embedding + positional_emb
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -200,3 +201,81 @@ def read(src: str, config_path: str | None = None
     arrays["b"], names["b"] = source.take("logit_bias"), "logit_bias"
   source.check_all_used("open_clip CLIP ViT", ignore=("attn_mask",))
   return config, arrays, source, names
+
+
+# ------------------------------------------------------------------ vljax -> open_clip
+
+
+def model_config(config: ml_collections.ConfigDict, has_bias: bool,
+                 where: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(model_cfg, preprocess_cfg) of open_clip's CLIP for a vljax run config, checked to be
+  exact: the config open_clip's model maps back to (run_config) must be this one, else an
+  InteropError names the first option that differs."""
+  v, t, data = config.model.image, config.model.text, config.data
+  patch = v["patch_size"]
+  model_cfg = {
+      "embed_dim": config.model.embed_dim,
+      "vision_cfg": dict(image_size=data.image_size, patch_size=int(patch[0]), width=v["width"],
+                         layers=v["depth"], head_width=v["width"] // v["num_heads"],
+                         mlp_ratio=v["mlp_dim"] / v["width"]),
+      "text_cfg": dict(context_length=data.max_len, vocab_size=t["vocab_size"],
+                       width=t["width"], heads=t["num_heads"], layers=t["depth"],
+                       mlp_ratio=t["mlp_dim"] / t["width"]),
+  }
+  if v.get("activation") == "quick_gelu":
+    model_cfg["quick_gelu"] = True
+  preprocess = {"mean": list(data.mean), "std": list(data.std)}
+  back = run_config(model_cfg, preprocess, has_bias, where)
+  for key in ("image", "text"):
+    mine, clip = dict(config.model[key]), dict(back.model[key])
+    for option in sorted(set(mine) | set(clip)):
+      if key == "text" and option in ("pad_id", "eos_id"):
+        continue  # the tokenizer's ids: open_clip's CLIP does not read them
+      if _plain(mine.get(option)) != _plain(clip.get(option)):
+        raise InteropError(f"{where}: model.{key}.{option}={mine.get(option)!r}; an open_clip "
+                           f"CLIP ViT has {clip.get(option)!r}.")
+  for key in ("embed_dim", "image_head", "text_head"):
+    if config.model.get(key) != back.model.get(key):
+      raise InteropError(f"{where}: model.{key}={config.model.get(key)!r}; an open_clip CLIP "
+                         f"ViT has {back.model.get(key)!r}.")
+  if list(patch) != [patch[0]] * 2:
+    raise InteropError(f"{where}: non-square patches {tuple(patch)} are not supported.")
+  return model_cfg, preprocess
+
+
+def _plain(value: Any) -> Any:
+  return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def write(directory: str, config: ml_collections.ConfigDict, bv: dict[str, np.ndarray],
+          tokenizer_proto: bytes | None = None) -> str:
+  """Writes an open_clip hub directory (open_clip_config.json, open_clip_model.safetensors)
+  from big_vision-layout arrays of a CLIP-shaped vljax model; the vljax tokenizer goes along
+  as tokenizer.model (open_clip tokenizes with its own: give it this vocabulary's)."""
+  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+  has_bias = "b" in bv
+  model_cfg, preprocess = model_config(config, has_bias, directory)
+  v, t = config.model.image, config.model.text
+  tensors = torch_layout.to_torch(bv, entries(config))
+  for prefix, tower in (("visual.transformer", v), ("transformer", t)):
+    for i in range(tower["depth"]):
+      torch_layout.pack_in_proj(tensors, f"{prefix}.resblocks.{i}.attn")
+  # CLIP adds positional_embedding[0] to its class token; vljax's class token already holds
+  # that sum, so it becomes the class embedding and position 0 is zero (the same sum).
+  width = v["width"]
+  tensors["visual.class_embedding"] = np.asarray(bv["img/cls"], np.float32).reshape(width)
+  pos = np.asarray(bv["img/pos_embedding"], np.float32)[0]
+  tensors["visual.positional_embedding"] = np.concatenate([np.zeros((1, width), np.float32),
+                                                           pos])
+  tensors["logit_scale"] = np.asarray(bv["t"], np.float32).reshape(())
+  if has_bias:
+    tensors["logit_bias"] = np.asarray(bv["b"], np.float32).reshape(())
+  os.makedirs(directory, exist_ok=True)
+  st_numpy.save_file(tensors, os.path.join(directory, WEIGHTS[0]), metadata={"format": "pt"})
+  with open(os.path.join(directory, CONFIG), "w") as f:
+    json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, f, indent=2)
+    f.write("\n")
+  if tokenizer_proto is not None:
+    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+      f.write(tokenizer_proto)
+  return os.path.abspath(directory)
