@@ -121,13 +121,15 @@ def export_checkpoint(fmt: str, workdir: str, out: str) -> str:
   proto = tok.serialized_model if tok is not None else None
   # The model's shape is checked (siglip.spec_from_config, open_clip.model_config) before
   # anything is read or written.
-  spec = None if fmt == "open_clip" else siglip.spec_from_config(config, directory)
   if fmt == "open_clip":
-    open_clip.model_config(config, config.model.get("bias_init") is not None, directory)
+    clip_config = open_clip.model_config(config, config.model.get("bias_init") is not None,
+                                         directory)
+  else:
+    spec = siglip.spec_from_config(config, directory)
   params = stacks.to_layout(checkpoint.load_exported_params(directory), "unrolled")
   arrays = siglip.from_vljax(params)
   if fmt == "open_clip":
-    return open_clip.write(out, config, arrays, proto)
+    return open_clip.write(out, config, clip_config, arrays, proto)
   if fmt == "big_vision":
     return big_vision.write(out, arrays)
   if not spec.has_bias:

@@ -247,14 +247,15 @@ def _plain(value: Any) -> Any:
   return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def write(directory: str, config: ml_collections.ConfigDict, bv: dict[str, np.ndarray],
+def write(directory: str, config: ml_collections.ConfigDict,
+          clip_config: tuple[dict[str, Any], dict[str, Any]], bv: dict[str, np.ndarray],
           tokenizer_proto: bytes | None = None) -> str:
   """Writes an open_clip hub directory (open_clip_config.json, open_clip_model.safetensors)
-  from big_vision-layout arrays of a CLIP-shaped vljax model; the vljax tokenizer goes along
-  as tokenizer.model (open_clip tokenizes with its own: give it this vocabulary's)."""
+  from big_vision-layout arrays of a CLIP-shaped vljax model, `clip_config` being its checked
+  (model_cfg, preprocess_cfg) from model_config; the vljax tokenizer goes along as
+  tokenizer.model (open_clip tokenizes with its own: give it this vocabulary's)."""
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-  has_bias = "b" in bv
-  model_cfg, preprocess = model_config(config, has_bias, directory)
+  model_cfg, preprocess = clip_config
   v, t = config.model.image, config.model.text
   tensors = torch_layout.to_torch(bv, entries(config))
   for prefix, tower in (("visual.transformer", v), ("transformer", t)):
@@ -268,7 +269,7 @@ def write(directory: str, config: ml_collections.ConfigDict, bv: dict[str, np.nd
   tensors["visual.positional_embedding"] = np.concatenate([np.zeros((1, width), np.float32),
                                                            pos])
   tensors["logit_scale"] = np.asarray(bv["t"], np.float32).reshape(())
-  if has_bias:
+  if "b" in bv:
     tensors["logit_bias"] = np.asarray(bv["b"], np.float32).reshape(())
   os.makedirs(directory, exist_ok=True)
   st_numpy.save_file(tensors, os.path.join(directory, WEIGHTS[0]), metadata={"format": "pt"})

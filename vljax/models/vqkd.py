@@ -48,6 +48,12 @@ class TaskLayer(nn.Module):
     return dense(self.features, ("mlp", None), "out")(hidden)
 
 
+def teacher_width(teacher: Mapping[str, Any]) -> int:
+  """The width of the teacher's patch features (its VisionTransformer kwargs, maybe a
+  'variant'): what the decoder reconstructs."""
+  return int(two_towers.tower_kwargs(teacher, None, None)["width"])
+
+
 def _unit_rows(key: Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> Array:
   return quantizer.l2_normalize(jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
@@ -82,9 +88,7 @@ class VqKd(nn.Module):
         (self.num_codes, self.code_dim), jnp.float32)
     self.dec = tower(dict(self.decoder, posemb="learn"), "decoder", patch_size=(1, 1))
     self.teach = tower(self.teacher, "teacher")
-    self.teacher_width = int(two_towers.tower_kwargs(self.teacher, self.dtype,
-                                                     self.param_dtype)["width"])
-    self.decode_task = TaskLayer(self.teacher_width, **sizes)
+    self.decode_task = TaskLayer(teacher_width(self.teacher), **sizes)
 
   def encode(self, images: Array, train: bool = False) -> Array:
     """images [B, H, W, 3] -> unit vectors [B, n, code_dim] float32 (before quantisation)."""

@@ -40,8 +40,38 @@ from vljax.models import coca
 from vljax.objectives import momentum_queues
 
 
-class BlipObjective(momentum_queues.MomentumQueueObjective):
+class MedDecoding:
+  """KV-cached decoding of a MED decoder ([DEC] first, padding never generated), shared by BLIP's
+  captioner (BlipObjective) and its VQA answer decoder (objectives.blip_vqa). A subclass sets
+  `decoder_step` (the model method, e.g. staticmethod(blip.Blip.decode_step)) and has
+  `_apply(params, method, *args)`, `pad_id`, `special` and `max_len`."""
+
+  decoder_step: Any
+
+  def step_fn(self, params: Any) -> decode.StepFn:
+    """step_fn(caches, token [N], position) -> (logits [N, V], caches) for vljax.decode."""
+
+    def step(caches, token, position):
+      logits, caches = self._apply(params, self.decoder_step, token[:, None], position, caches)
+      # Padding is never a target, so it is never generated (as CoCa's decoding).
+      return logits[:, 0].at[:, self.pad_id].set(jnp.finfo(jnp.float32).min), caches
+
+    return step
+
+  def check_decode_len(self, max_len: int) -> None:
+    if max_len > self.max_len:
+      raise ValueError(f"generate: max_len={max_len} exceeds the model's "
+                       f"max_len={self.max_len} (its position embeddings).")
+
+  def start_tokens(self, batch: int) -> jax.Array:
+    """[DEC], the decoder's first input."""
+    return jnp.full((batch,), self.special["dec"], jnp.int32)
+
+
+class BlipObjective(MedDecoding, momentum_queues.MomentumQueueObjective):
   """BLIP pre-training (without CapFilt): ITC-MoD with queues, hard-negative ITM, LM."""
+
+  decoder_step = staticmethod(blip.Blip.decode_step)
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer):
     super().__init__(config, tokenizer)
@@ -130,30 +160,12 @@ class BlipObjective(momentum_queues.MomentumQueueObjective):
     logits = self._apply(params, blip.Blip.itm_logits, image_tokens, tokens)
     return logits[:, fusion_losses.ITM_MATCH]
 
-  def step_fn(self, params: Any) -> decode.StepFn:
-    """step_fn(caches, token [N], position) -> (logits [N, V], caches) for vljax.decode."""
-
-    def step(caches, token, position):
-      logits, caches = self._apply(params, blip.Blip.decode_step, token[:, None], position,
-                                   caches)
-      # Padding is never a target, so it is never generated (as CoCa's decoding).
-      logits = logits[:, 0].at[:, self.pad_id].set(jnp.finfo(jnp.float32).min)
-      return logits, caches
-
-    return step
-
   def init_decode_state(self, params: Any, images: jax.Array, max_len: int) -> Any:
     """The decoder's caches for images [N, H, W, 3]: the image is encoded and every layer's
     cross-attention keys/values projected here, once."""
-    if max_len > self.max_len:
-      raise ValueError(f"generate: max_len={max_len} exceeds the model's "
-                       f"max_len={self.max_len} (its position embeddings).")
+    self.check_decode_len(max_len)
     image_tokens = self.encode_image_tokens(params, images)
     return self._apply(params, blip.Blip.init_decode_cache, image_tokens, max_len)
-
-  def start_tokens(self, batch: int) -> jax.Array:
-    """[DEC], the decoder's first input."""
-    return jnp.full((batch,), self.special["dec"], jnp.int32)
 
   @functools.partial(jax.jit, static_argnums=(0, 3))
   def generate(self, params: Any, images: jax.Array, max_len: int) -> jax.Array:

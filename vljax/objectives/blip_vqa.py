@@ -40,6 +40,7 @@ from vljax.losses.captioning import per_example_token_terms
 from vljax.models import blip
 from vljax.models import coca
 from vljax.objectives import base
+from vljax.objectives import blip as objectives_blip
 from vljax.objectives import momentum_queues
 
 
@@ -56,8 +57,10 @@ def answer_targets(answers: Sequence[str], slots: int) -> tuple[list[str], list[
   return kept + [""] * pad, weights + [0.0] * pad
 
 
-class BlipVqaObjective(base.Objective):
+class BlipVqaObjective(objectives_blip.MedDecoding, base.Objective):
   """Weighted answer LM of BlipVqa (module docstring); greedy answers for VqaEvaluator."""
+
+  decoder_step = staticmethod(blip.BlipVqa.decode_step)
 
   def __init__(self, config: ml_collections.ConfigDict, tokenizer):
     self.tokenizer = tokenizer
@@ -162,17 +165,6 @@ class BlipVqaObjective(base.Objective):
   def _apply(self, params, method, *args):
     return self.model.apply({"params": params}, *args, method=method)
 
-  def step_fn(self, params: Any) -> decode.StepFn:
-    """step_fn(caches, token [N], position) -> (logits [N, V], caches) for vljax.decode."""
-
-    def step(caches, token, position):
-      logits, caches = self._apply(params, blip.BlipVqa.decode_step, token[:, None], position,
-                                   caches)
-      # Padding is never a target, so it is never generated.
-      return logits[:, 0].at[:, self.pad_id].set(jnp.finfo(jnp.float32).min), caches
-
-    return step
-
   def init_decode_state(self, params: Any, images: jax.Array, max_len: int,
                         prefix: jax.Array | None = None) -> Any:
     """The answer decoder's caches for images [N, H, W, 3] and their questions `prefix`
@@ -181,15 +173,9 @@ class BlipVqaObjective(base.Objective):
     if prefix is None:
       raise ValueError("BLIP VQA answers questions: give one (python -m vljax.predict "
                        "--prompt=QUESTION; in code, encode_prefixes' tokens as `prefix`).")
-    if max_len > self.max_len:
-      raise ValueError(f"generate: max_len={max_len} exceeds the model's max_len="
-                       f"{self.max_len} (its position embeddings).")
+    self.check_decode_len(max_len)
     states, valid = self._apply(params, blip.BlipVqa.encode_question, images, prefix)
     return self._apply(params, blip.BlipVqa.init_decode_cache, states, valid, max_len)
-
-  def start_tokens(self, batch: int) -> jax.Array:
-    """[DEC], the decoder's first input."""
-    return jnp.full((batch,), self.special["dec"], jnp.int32)
 
   @functools.partial(jax.jit, static_argnums=(0, 3))
   def generate(self, params: Any, images: jax.Array, max_len: int,

@@ -32,7 +32,6 @@ import numpy as np
 
 from vljax.configlib import ConfigError
 from vljax.models import quantizer
-from vljax.models import two_towers
 from vljax.models import vqkd
 from vljax.objectives import base
 from vljax.objectives import contrastive
@@ -61,7 +60,7 @@ class VqKdObjective(base.Objective):
       raise ConfigError(f"config.loss.dead_below={self.dead_below} must be in [0, 1) (a "
                         "fraction of the uniform usage 1/K; 0 never restarts).")
     self.commitment = float(loss.commitment)
-    self.teacher_width = int(two_towers.tower_kwargs(model.teacher, None, None)["width"])
+    self.teacher_width = vqkd.teacher_width(model.teacher)
     self.model = vqkd.VqKd(encoder=dict(model.encoder), decoder=dict(model.decoder),
                            teacher=dict(model.teacher), num_codes=self.num_codes,
                            code_dim=self.code_dim, dtype=contrastive.DTYPES[config.dtype])
