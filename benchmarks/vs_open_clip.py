@@ -21,12 +21,11 @@ Usage: python benchmarks/vs_open_clip.py [--rounds 7] [--steps 5] [--torch_pytho
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
-import time
+
+import step_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH, IMAGE, PATCH, WIDTH, DEPTH, HEADS, MLP, TEXT_LEN, EMBED = 128, 32, 8, 128, 4, 4, 512, 24, 128
@@ -62,7 +61,7 @@ def vljax_worker(threads: int) -> None:
       jax.block_until_ready(metrics)
 
   run(3)  # compile and warm up
-  _serve(run, {"params": params, "vocab": tokenizer.vocab_size})
+  step_workers.serve(run, {"params": params, "vocab": tokenizer.vocab_size})
 
 
 def torch_worker(threads: int, vocab: int) -> None:
@@ -93,47 +92,11 @@ def torch_worker(threads: int, vocab: int) -> None:
   tokens = torch.tensor(rng.integers(3, 40, (BATCH, TEXT_LEN)), dtype=torch.long)
 
   def run(n):
-    for _ in range(n):
-      optimizer.zero_grad(set_to_none=True)
-      out = model(images, tokens)
-      loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
-                     out["logit_bias"])
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-      optimizer.step()
+    step_workers.torch_siglip_steps(model, model, loss_fn, optimizer, images, tokens, n)
 
   run(3)
-  _serve(run, {"params": params, "torch": torch.__version__,
-               "open_clip": open_clip.__version__})
-
-
-def _serve(run, info: dict) -> None:
-  print(json.dumps({"ready": info}), flush=True)
-  for line in sys.stdin:
-    n = int(line.split()[1])
-    start = time.perf_counter()
-    run(n)
-    print(json.dumps({"seconds_per_step": (time.perf_counter() - start) / n}), flush=True)
-
-
-def _start(cmd: list[str]) -> tuple[subprocess.Popen, dict]:
-  proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                          cwd=ROOT)
-  for line in proc.stdout:
-    if line.startswith("{"):
-      msg = json.loads(line)
-      if "ready" in msg:
-        return proc, msg["ready"]
-  raise RuntimeError(f"worker {cmd} exited before it was ready")
-
-
-def _round(proc: subprocess.Popen, steps: int) -> float:
-  proc.stdin.write(f"go {steps}\n")
-  proc.stdin.flush()
-  for line in proc.stdout:
-    if line.startswith("{"):
-      return json.loads(line)["seconds_per_step"]
-  raise RuntimeError("worker exited")
+  step_workers.serve(run, {"params": params, "torch": torch.__version__,
+                           "open_clip": open_clip.__version__})
 
 
 def main() -> None:
@@ -152,18 +115,21 @@ def main() -> None:
 
   load_before = os.getloadavg()
   me = os.path.abspath(__file__)
-  jx, jx_info = _start([sys.executable, me, "--worker", "vljax"])
-  pt, pt_info = _start([args.torch_python, me, "--worker", "torch", "--vocab",
-                        str(jx_info["vocab"]), "--threads", str(args.threads)])
+  jx, jx_info = step_workers.start([sys.executable, me, "--worker", "vljax"], ROOT)
+  pt, pt_info = step_workers.start([args.torch_python, me, "--worker", "torch", "--vocab",
+                                    str(jx_info.get("vocab")), "--threads", str(args.threads)],
+                                   ROOT)
+  for proc, info in ((jx, jx_info), (pt, pt_info)):
+    if proc is None:
+      raise SystemExit(f"a worker failed to start: {info['failed']}")
   times = {"vljax": [], "open_clip": []}
   try:
     for _ in range(args.rounds):
-      times["vljax"].append(_round(jx, args.steps))
-      times["open_clip"].append(_round(pt, args.steps))
+      times["vljax"].append(step_workers.timed_round(jx, args.steps)["seconds_per_step"])
+      times["open_clip"].append(step_workers.timed_round(pt, args.steps)["seconds_per_step"])
   finally:
-    for proc in (jx, pt):
-      proc.stdin.close()
-      proc.wait()
+    step_workers.stop(jx)
+    step_workers.stop(pt)
   med = {k: statistics.median(v) for k, v in times.items()}
   print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} "
         f"({os.cpu_count()} cores); torch {pt_info['torch']}, open_clip {pt_info['open_clip']}, "

@@ -74,6 +74,10 @@ def test_impossible_settings_name_the_key_and_fix():
     train.validate(config, 8, 1)
   with pytest.raises(ValueError, match="unknown axes"):
     sharding.mesh_shape({"model": 2}, 8)
+  configlib.apply_overrides(config, ["mesh.data=-1", "mesh.fsdp=1", "layers.attention=cudnn"])
+  with pytest.raises(configlib.ConfigError, match=r"layers.attention='cudnn' needs a GPU and "
+                     r"config.dtype=bfloat16 \(here: cpu, float32\)"):
+    train.validate(config, 8, 1)
   config.total_steps = None
   with pytest.raises(configlib.ConfigError, match="exactly one of config.total_steps"):
     configlib.steps_for(config, "total", 96, None)

@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from vljax import sharding
+from vljax.configlib import ConfigError
 from vljax.models import layers
 from vljax.models import text as text_lib
 from vljax.models import two_towers
@@ -367,3 +368,24 @@ def test_fused_attention_equals_a_dense_reference_with_masks_and_bias(with_bias)
                         bias=None if bias is None else jnp.asarray(bias))
   assert got16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got16, np.float32), want, atol=0.05)
+
+
+@pytest.mark.parametrize("setting,backend,dtype,head_dim,bias,want", [
+    ("auto", "gpu", jnp.bfloat16, 64, False, "cudnn"),
+    ("auto", "gpu", jnp.float16, 128, False, "cudnn"),
+    ("auto", "gpu", jnp.float32, 64, False, "xla"),   # cuDNN's kernel takes half precision
+    ("auto", "gpu", jnp.bfloat16, 60, False, "xla"),  # head dim not a multiple of 8
+    ("auto", "gpu", jnp.bfloat16, 256, False, "xla"),
+    ("auto", "gpu", jnp.bfloat16, 64, True, "xla"),   # T5's position bias stays on XLA
+    ("auto", "cpu", jnp.bfloat16, 64, False, "xla"),
+    ("xla", "gpu", jnp.bfloat16, 64, False, "xla"),
+    ("cudnn", "gpu", jnp.bfloat16, 64, False, "cudnn"),
+])
+def test_attention_implementation_choice(setting, backend, dtype, head_dim, bias, want):
+  assert layers.fused_attention_implementation(setting, backend, dtype, head_dim, bias) == want
+
+
+def test_cudnn_attention_where_it_does_not_apply_is_an_error_naming_why():
+  with pytest.raises(ConfigError, match=r"layers.attention='cudnn'.*backend is cpu.*float32.*"
+                                        r"position bias"):
+    layers.fused_attention_implementation("cudnn", "cpu", jnp.float32, 64, True)

@@ -76,8 +76,10 @@ def test_layers_config_is_validated_naming_the_key():
     stacks.check_layers_config({"scan": "yes"})
   with pytest.raises(ConfigError, match="config.layers has unknown keys"):
     stacks.check_layers_config({"unroll": 2})
+  with pytest.raises(ConfigError, match="config.layers.attention='flash' is unknown"):
+    stacks.check_layers_config({"attention": "flash"})
   base = configlib.base_train_config()
-  assert dict(base.layers) == {"scan": False, "remat": "none"}
+  assert dict(base.layers) == {"scan": False, "remat": "none", "attention": "xla"}
   for name in ("siglip", "coca", "pali"):  # the objective rejects it before compiling
     config = configlib.load_config_file(os.path.join(ROOT, "configs", f"{name}.py:scale=tiny"))
     config = configlib.apply_overrides(config, ["layers.remat=dot"])

@@ -231,7 +231,10 @@ def base_train_config() -> ml_collections.ConfigDict:
   #   remat  what a layer keeps for the backward pass: "none" (everything), "full" or
   #          "block_inputs" (only its input; the layer is recomputed), "dots" (its matmul
   #          outputs; the rest is recomputed).
-  c.layers = ml_collections.ConfigDict(dict(scan=False, remat="none"))
+  #   attention  how jax.nn.dot_product_attention runs: "xla" (JAX's default), "auto" (cuDNN's
+  #          fused kernel on GPUs where it applies, XLA's elsewhere) or "cudnn"
+  #          (vljax.models.stacks).
+  c.layers = ml_collections.ConfigDict(dict(scan=False, remat="none", attention="xla"))
   c.loss = ml_collections.ConfigDict()
   c.dtype = "float32"
 

@@ -36,6 +36,7 @@ from vljax.data import pipeline as data_pipeline
 from vljax.data import preprocess
 from vljax.data import sources
 from vljax.data import tokenizer as tokenizer_lib
+from vljax.models import stacks
 from vljax.objectives import make_objective
 
 NAN_POLICIES = ("stop", "skip")
@@ -78,6 +79,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     raise ConfigError(f"config.nan_policy={config.nan_policy!r}; choose one of {NAN_POLICIES}.")
   if config.dtype not in DTYPES:
     raise ConfigError(f"config.dtype={config.dtype!r}; choose one of {sorted(DTYPES)}.")
+  if config.get("layers", {}).get("attention") == "cudnn" and (
+      jax.default_backend() != "gpu" or config.dtype != "bfloat16"):
+    raise ConfigError(f"config.layers.attention='cudnn' needs a GPU and config.dtype=bfloat16 "
+                      f"(here: {jax.default_backend()}, {config.dtype}); use 'auto', which "
+                      "takes cuDNN's kernel where it applies.")
   if config.log_every_steps <= 0:
     raise ConfigError(f"config.log_every_steps={config.log_every_steps} must be positive.")
   if not config.data.train:
@@ -200,6 +206,7 @@ def build(config: ml_collections.ConfigDict, tokenizer, mesh: Mesh,
   `objective` overrides the one config.objective names (tests plug in their own).
   """
   rules = sharding.rules_from_config(config.sharding.rules)
+  stacks.set_attention_implementation(config.get("layers", {}).get("attention", "xla"))
   if objective is None:
     objective = make_objective(config, tokenizer)
   total_steps = configlib.steps_for(config, "total", config.batch_size, epoch_size)
@@ -519,6 +526,19 @@ class VocabularyStandIn:
   model_path: str = "(stand-in vocabulary)"
 
 
+def resolved_for_compile(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with durations in epochs replaced, so its step builds without reading data.
+
+  A schedule in epochs needs the dataset's size; the step's cost does not depend on it.
+  """
+  if config.get("total_epochs") is not None:
+    config = configlib.apply_overrides(config.copy_and_resolve_references(), ["total_steps=1"])
+  if config.optim.get("warmup_epochs") is not None:
+    config = configlib.apply_overrides(config.copy_and_resolve_references(),
+                                       ["optim.warmup_steps=0"])
+  return config
+
+
 def dry_run(config: ml_collections.ConfigDict, workdir: str,
             vocab_size: int | None = None) -> dict[str, Any]:
   """Builds and compiles `config`'s train step for its mesh, writes WORKDIR/compile.json, and
@@ -535,11 +555,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str,
   enable_compilation_cache(config)
   tokenizer = (VocabularyStandIn(vocab_size) if vocab_size
                else run_tokenizer(config, workdir))
-  if config.get("total_epochs") is not None:
-    config = configlib.apply_overrides(config.copy_and_resolve_references(), ["total_steps=1"])
-  if config.optim.get("warmup_epochs") is not None:
-    config = configlib.apply_overrides(config.copy_and_resolve_references(),
-                                       ["optim.warmup_steps=0"])
+  config = resolved_for_compile(config)
   setup = build(config, tokenizer, mesh, epoch_size=None)
   _, cost = compile_step(setup, make_train_step(setup), config.batch_size)
   params = jax.tree.leaves(setup.abstract_state.params)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vljax.configlib import ConfigError
 from vljax.models import stacks
 
 Array = jax.Array
@@ -157,6 +158,34 @@ def _project_qkv(inputs_q: Array, inputs_kv: Array, num_heads: int, head_dim: in
           constrain(proj("value")(inputs_kv), ACT_HEADS))
 
 
+def fused_attention_implementation(setting: str, backend: str, dtype, head_dim: int,
+                                   has_bias: bool) -> str:
+  """jax.nn.dot_product_attention's `implementation` for one attention: 'cudnn' or 'xla'.
+
+  `setting` is config.layers.attention (vljax.models.stacks.ATTENTION_IMPLEMENTATIONS). cuDNN's
+  kernel takes bf16 / fp16 inputs with a head dim that is a multiple of 8 up to 128, on a GPU;
+  an additive bias (T5's relative positions) stays on XLA, whose bias gradient is exact. A mask
+  is fine: JAX folds it into the kernel's bias input.
+
+  Raises:
+    ConfigError: 'cudnn' asked for where the kernel does not apply.
+  """
+  why_not = []
+  if backend != "gpu":
+    why_not.append(f"the backend is {backend}")
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    why_not.append(f"the compute dtype is {jnp.dtype(dtype).name} (config.dtype=bfloat16 "
+                   "runs it)")
+  if head_dim % 8 or head_dim > 128:
+    why_not.append(f"the head dim is {head_dim}")
+  if has_bias:
+    why_not.append("this attention adds a position bias")
+  if setting == "cudnn" and why_not:
+    raise ConfigError("config.layers.attention='cudnn', but cuDNN's fused attention does not "
+                      f"apply: {'; '.join(why_not)}. Use 'auto' (cuDNN where it applies).")
+  return "cudnn" if setting != "xla" and not why_not else "xla"
+
+
 def attend(q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype,
            probs_dropout: Callable[[Array], Array] | None = None, bias: Array | None = None,
            scale: float | None = None) -> Array:
@@ -166,9 +195,10 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype,
 
   The logits and the softmax are float32 whatever `dtype` is (bf16 compute stays stable); a fully
   masked row becomes a uniform distribution (finite) rather than NaN. Without attention dropout
-  this is jax.nn.dot_product_attention: a fused cuDNN kernel where one applies (GPU), XLA's
-  otherwise. `probs_dropout` (dropout on the attention probabilities, training only) needs the
-  probabilities, so it takes the explicit path.
+  this is jax.nn.dot_product_attention, through XLA's implementation or cuDNN's fused kernel
+  as config.layers.attention says (fused_attention_implementation). `probs_dropout` (dropout
+  on the attention probabilities, training only) needs the probabilities, so it takes the
+  explicit path.
   """
   q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
   scale = 1.0 / float(np.sqrt(q.shape[-1])) if scale is None else float(scale)
@@ -176,8 +206,11 @@ def attend(q: Array, k: Array, v: Array, mask: Array | None, dtype: Dtype,
   if probs_dropout is None:
     mask = None if mask is None else jnp.broadcast_to(mask, full)
     bias = None if bias is None else jnp.broadcast_to(bias.astype(jnp.float32), full)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
-                                        scale=scale).astype(dtype)
+    implementation = fused_attention_implementation(
+        stacks.attention_implementation(), jax.default_backend(), q.dtype, q.shape[-1],
+        bias is not None)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                        implementation=implementation).astype(dtype)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
   if bias is not None:
     logits = logits + bias

@@ -49,6 +49,30 @@ LAYERS_AXIS = "layers"
 STACK_PREFIXES = ("encoderblock", "layers", "unimodal", "multimodal", "fusionblock")
 
 
+# How jax.nn.dot_product_attention runs (config.layers.attention; layers.attend applies it):
+#   xla    XLA's implementation everywhere: JAX's own default (its implementation=None is XLA's
+#          even on GPUs), and vljax's.
+#   auto   cuDNN's fused kernel on GPUs wherever it applies (bf16 or fp16, head dim a multiple
+#          of 8 up to 128, no additive bias), XLA's everywhere else.
+#   cudnn  cuDNN's kernel, an error where it does not apply.
+# The default stays XLA's: the cuDNN path has not been checked on a GPU here (docs/scale.md).
+ATTENTION_IMPLEMENTATIONS = ("xla", "auto", "cudnn")
+_ATTENTION = {"implementation": "xla"}
+
+
+def set_attention_implementation(name: str) -> None:
+  """Sets how `layers.attend` runs from here on (train.build does, from config.layers)."""
+  if name not in ATTENTION_IMPLEMENTATIONS:
+    raise ConfigError(f"config.layers.attention={name!r} is unknown; choose one of "
+                      f"{list(ATTENTION_IMPLEMENTATIONS)}.")
+  _ATTENTION["implementation"] = name
+
+
+def attention_implementation() -> str:
+  """The name set_attention_implementation last set ('xla' until then)."""
+  return _ATTENTION["implementation"]
+
+
 def remat_name(remat: bool | str) -> str:
   """The policy name of a module's `remat` attribute (False: 'none', True: 'full')."""
   if isinstance(remat, bool):
@@ -60,16 +84,22 @@ def remat_name(remat: bool | str) -> str:
 
 
 def check_layers_config(layers_config: Any) -> dict[str, Any]:
-  """Validates config.layers ({scan: bool, remat: name}); returns {'scan', 'remat'}.
+  """Validates config.layers ({scan: bool, remat: name, attention: name}); returns {'scan',
+  'remat'} (the attention implementation is set per run: layers.set_attention_implementation).
 
   Raises:
-    ConfigError: naming the key, for an unknown key, a non-bool scan or an unknown remat name.
+    ConfigError: naming the key, for an unknown key, a non-bool scan or an unknown remat or
+      attention name.
   """
   given = dict(layers_config or {})
-  unknown = sorted(set(given) - {"scan", "remat"})
+  unknown = sorted(set(given) - {"scan", "remat", "attention"})
   if unknown:
     raise ConfigError(f"config.layers has unknown keys {unknown}; valid keys are "
-                      f"['remat', 'scan'].")
+                      f"['attention', 'remat', 'scan'].")
+  attention = given.get("attention", "xla")
+  if attention not in ATTENTION_IMPLEMENTATIONS:
+    raise ConfigError(f"config.layers.attention={attention!r} is unknown; choose one of "
+                      f"{list(ATTENTION_IMPLEMENTATIONS)}.")
   scan, remat = given.get("scan", False), given.get("remat", "none")
   if not isinstance(scan, bool):
     raise ConfigError(f"config.layers.scan={scan!r} must be true or false.")
