@@ -33,6 +33,7 @@ HF_DIR = os.path.join(FIXTURES, "hf_siglip")
 BV_FILE = os.path.join(FIXTURES, "big_vision_siglip.npz")
 SPIECE = os.path.join(HF_DIR, "spiece.model")
 OPEN_CLIP_DIR = os.path.join(FIXTURES, "open_clip")
+HF_CLIP_DIR = os.path.join(FIXTURES, "hf_clip")
 TOL = 1e-5
 
 
@@ -123,8 +124,65 @@ def test_open_clip_import_matches_the_reference_model(tmp_path, config):
   assert (options.image.patch_bias, options.image.pre_norm, options.image.norm_eps,
           options.image.activation, options.text.pool_type, options.image_head) == (
               False, True, 1e-5, "gelu", "argmax", "linear")
-  with pytest.raises(interop.InteropError, match="model.image.pool_type='tok'; a SigLIP"):
-    interop.export_checkpoint("hf", out, str(tmp_path / "hf"))
+  # CLIP-shaped: --format=hf writes a CLIPModel, not a SiglipModel.
+  with open(os.path.join(interop.export_checkpoint("hf", out, str(tmp_path / "hf")),
+                         "config.json")) as f:
+    assert json.load(f)["model_type"] == "clip"
+
+
+def test_hf_clip_import_matches_the_reference_model(tmp_path):
+  """A transformers CLIPModel (quick GELU) gives the same embeddings and logits in vljax."""
+  out = interop.import_checkpoint("hf", HF_CLIP_DIR, str(tmp_path / "out"))
+  model = interop.load(out)
+  _assert_parity(model, _reference("hf_clip_reference.npz"))
+  options = model.config.model
+  assert (options.image.patch_bias, options.image.pre_norm, options.image.activation,
+          options.text.activation, options.text.pool_type, options.embed_dim) == (
+              False, True, "quick_gelu", "quick_gelu", "argmax", 24)
+  # Back out as a CLIPModel: every tensor is the fixture's, bit for bit, but the class token,
+  # which holds class_embedding + position 0 (exported as that sum and a zero position 0).
+  written = tensors.read_safetensors(os.path.join(
+      interop.export_checkpoint("hf", out, str(tmp_path / "hf")), "model.safetensors")).arrays
+  source = tensors.read_safetensors(os.path.join(HF_CLIP_DIR, "model.safetensors")).arrays
+  cls, pos = ("vision_model.embeddings.class_embedding",
+              "vision_model.embeddings.position_embedding.weight")
+  assert sorted(written) == sorted(k for k in source if not k.endswith("position_ids"))
+  for name in written:
+    if name not in (cls, pos):
+      np.testing.assert_array_equal(written[name], source[name], err_msg=name)
+  np.testing.assert_array_equal(written[cls], source[cls] + source[pos][0])
+  np.testing.assert_array_equal(written[pos][1:], source[pos][1:])
+  assert not written[pos][0].any()
+  # Round trips through HF's and open_clip's layouts of the architecture give the same bits.
+  first = jax.tree.leaves(model.params)
+  for fmt in ("hf", "open_clip"):
+    again = interop.import_checkpoint(
+        fmt, interop.export_checkpoint(fmt, out, str(tmp_path / f"{fmt}_out")),
+        str(tmp_path / f"{fmt}_again"))
+    second = jax.tree.leaves(interop.load(again).params)
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+      np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("text_config", "eos_token_id", 7, r"eos_token_id=7; HF pools the text at the first EOS"),
+    ("vision_config", "hidden_act", "gelu", r"vision_config.hidden_act='gelu' but "
+                                            r"text_config.hidden_act='quick_gelu'"),
+    ("text_config", "layer_norm_eps", 1e-6, r"text_config.layer_norm_eps=1e-06"),
+    ("text_config", "hidden_act", "relu", r"text_config.hidden_act='relu'"),
+])
+def test_hf_clip_unsupported_configs_are_refused(tmp_path, section, key, value, message):
+  directory = tmp_path / "clip"
+  shutil.copytree(HF_CLIP_DIR, directory)
+  with open(directory / "config.json") as f:
+    config = json.load(f)
+  config[section][key] = value
+  with open(directory / "config.json", "w") as f:
+    json.dump(config, f)
+  with pytest.raises(interop.InteropError, match=message):
+    interop.import_checkpoint("hf", str(directory), str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")
 
 
 def test_open_clip_unsupported_configs_are_refused(tmp_path):

@@ -7,9 +7,9 @@ Run with a side environment that has torch and transformers (never the core inst
         open_clip_torch
     /work/side_venv/bin/python tools/make_interop_fixtures.py [--out tests/fixtures/interop]
 
-Made with torch 2.13.0+cpu, transformers 5.24.0, open_clip_torch 3.3.0, safetensors 0.8.0,
-sentencepiece 0.2.3, numpy 2.4.6 (Python 3.11). Rerunning it with those versions rewrites the
-same bytes.
+Made with torch 2.14.1+cu130 (2.13.0+cpu wrote the same bytes), transformers 5.24.0,
+open_clip_torch 3.3.0, safetensors 0.8.0, sentencepiece 0.2.3, numpy 2.4.6 (Python 3.11).
+Rerunning it with those versions rewrites the same bytes.
 
 What it writes under --out:
   hf_siglip/config.json,        a Hugging Face `SiglipModel` (save_pretrained), random weights
@@ -33,6 +33,10 @@ What it writes under --out:
   open_clip/open_clip_model.safetensors  LayerNorm eps 1e-5, class token, ln_pre, causal text
                                 tower pooled at the largest id) in the Hugging Face hub layout
   open_clip_reference.npz       its outputs: images, tokens, zimg, ztxt, logits, t, scale
+  hf_clip/config.json,          a small random Hugging Face `CLIPModel` (quick GELU, EOS the
+  hf_clip/model.safetensors     largest id) written by save_pretrained (`--only hf_clip` writes
+                                just this one and its reference, with transformers 5.24.0)
+  hf_clip_reference.npz         its outputs: images, tokens, zimg, ztxt, logits, t, scale
   reference.npz                 the reference model's outputs on fixed inputs: images (NHWC, in
                                 [-1, 1]), tokens (int32 [B, L], SigLIP style: EOS-padded), and
                                 zimg, ztxt (L2-normalised embeddings), logits (logits_per_image),
@@ -95,15 +99,20 @@ def build_model(vocab_size: int) -> transformers.SiglipModel:
                        bos_token_id=None))
   model = transformers.SiglipModel(config).eval()
   model.config._attn_implementation = "eager"  # pylint: disable=protected-access
-  generator = torch.Generator().manual_seed(SEED + 1)
+  _perturb(model, SEED + 1)
   with torch.no_grad():
-    for name, p in sorted(model.named_parameters()):
-      p.add_(0.05 * torch.randn(p.shape, generator=generator))
-      if name == "logit_scale":
-        p.fill_(float(np.log(10.0)) + 0.1)
-      elif name == "logit_bias":
-        p.fill_(-2.5)
+    model.logit_scale.fill_(float(np.log(10.0)) + 0.1)
+    model.logit_bias.fill_(-2.5)
   return model
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+  """Adds 0.05 N(0, 1) to every parameter (in name order), so that no mapping mistake hides
+  behind a zero or a one."""
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for _, p in sorted(model.named_parameters()):
+      p.add_(0.05 * torch.randn(p.shape, generator=generator))
 
 
 def _attention(prefix: str, sd: dict, out: dict, dst: str, heads: int) -> None:
@@ -232,10 +241,8 @@ def open_clip_files(out: str) -> None:
                "text_cfg": {"context_length": MAX_LEN, "vocab_size": 101, "width": 32,
                             "heads": 2, "layers": 2, "mlp_ratio": 2.0}}
   model = open_clip.model.CLIP(**model_cfg).eval()
-  generator = torch.Generator().manual_seed(SEED + 4)
+  _perturb(model, SEED + 4)
   with torch.no_grad():
-    for _, p in sorted(model.named_parameters()):
-      p.add_(0.05 * torch.randn(p.shape, generator=generator))
     model.logit_scale.fill_(float(np.log(20.0)))
   directory = os.path.join(out, "open_clip")
   os.makedirs(directory, exist_ok=True)
@@ -262,6 +269,41 @@ def open_clip_files(out: str) -> None:
                  logits=logits, t=t, scale=np.exp(t).astype(np.float32)))
 
 
+def hf_clip_files(out: str) -> None:
+  """A small random Hugging Face CLIPModel (quick GELU, as OpenAI's) and its outputs."""
+  torch.manual_seed(SEED + 6)
+  vocab = 101
+  config = transformers.CLIPConfig(
+      vision_config=dict(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=32,
+                         intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         hidden_act="quick_gelu"),
+      text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=2,
+                       max_position_embeddings=MAX_LEN, hidden_act="quick_gelu",
+                       pad_token_id=0, bos_token_id=vocab - 2, eos_token_id=vocab - 1),
+      projection_dim=24)
+  model = transformers.CLIPModel(config).eval()
+  model.config._attn_implementation = "eager"  # pylint: disable=protected-access
+  _perturb(model, SEED + 7)
+  with torch.no_grad():
+    model.logit_scale.fill_(float(np.log(20.0)))
+  model.save_pretrained(os.path.join(out, "hf_clip"))
+  rng = np.random.default_rng(SEED + 8)
+  images = rng.uniform(-2, 2, (2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+  tokens = np.zeros((3, MAX_LEN), np.int32)
+  for row, n in enumerate((4, 9, MAX_LEN - 1)):
+    tokens[row, :n] = rng.integers(1, vocab - 2, n)
+    tokens[row, n] = vocab - 1  # EOS, the largest id: HF pools at it
+  with torch.no_grad():
+    out_ = model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                 pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+  t = model.logit_scale.detach().numpy().reshape(()).astype(np.float32)
+  _save_npz(os.path.join(out, "hf_clip_reference.npz"),
+            dict(images=images, tokens=tokens, zimg=out_.image_embeds.numpy(),
+                 ztxt=out_.text_embeds.numpy(), logits=out_.logits_per_image.numpy(), t=t,
+                 scale=np.exp(t).astype(np.float32)))
+
+
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
   """np.savez with fixed zip timestamps, so a rerun writes the same bytes."""
   import zipfile  # pylint: disable=g-import-not-at-top
@@ -277,7 +319,12 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), os.pardir,
                                                     "tests", "fixtures", "interop"))
-  out = os.path.abspath(parser.parse_args().out)
+  parser.add_argument("--only", choices=["hf_clip"],
+                      help="write only this fixture (the others stay as they are)")
+  args = parser.parse_args()
+  out = os.path.abspath(args.out)
+  if args.only == "hf_clip":
+    return hf_clip_files(out)
   hf_dir = os.path.join(out, "hf_siglip")
   os.makedirs(hf_dir, exist_ok=True)
   spiece = os.path.join(hf_dir, "spiece.model")
@@ -287,6 +334,7 @@ def main() -> None:
   _save_npz(os.path.join(out, "big_vision_siglip.npz"), to_big_vision(model))
   torch_files(model, out)
   open_clip_files(out)
+  hf_clip_files(out)
   _save_npz(os.path.join(out, "reference.npz"),
             {**reference_outputs(model, vocab_size), **tokenizer_reference(spiece)})
   with open(os.path.join(out, "versions.json"), "w") as f:

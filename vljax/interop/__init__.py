@@ -58,9 +58,12 @@ def import_checkpoint(fmt: str, src: str, out: str, tokenizer: str | None = None
   """
   from vljax import checkpoint  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
-  from vljax.interop import big_vision, hf, open_clip, siglip
+  from vljax.interop import big_vision, hf, hf_clip, open_clip, siglip
   names, text, config = None, None, None
-  if fmt == "hf":
+  if fmt == "hf" and hf.read_model_config(src)["model_type"] == "clip":
+    config, arrays, source, names = hf_clip.read(src, hf.read_model_config(src))
+    spec = None
+  elif fmt == "hf":
     spec, arrays, source, names = hf.read(src)
     default = os.path.join(src, hf.TOKENIZER)
     tokenizer = tokenizer or (default if os.path.isfile(default) else None)
@@ -74,8 +77,8 @@ def import_checkpoint(fmt: str, src: str, out: str, tokenizer: str | None = None
     raise InteropError(f"Unknown format {fmt!r}; choose one of {FORMATS}.")
   tok = _tokenizer(tokenizer)
   if tok is not None and spec is None:
-    raise InteropError(f"{tokenizer}: open_clip models use a BPE tokenizer, not sentencepiece; "
-                       f"import them without --tokenizer.")
+    raise InteropError(f"{tokenizer}: CLIP models (open_clip's, Hugging Face's CLIPModel) use "
+                       f"a BPE tokenizer, not sentencepiece; import them without --tokenizer.")
   if tok is not None:
     if tok.vocab_size != spec.vocab_size:
       raise InteropError(f"{tokenizer}: the tokenizer has {tok.vocab_size} pieces but the "
@@ -102,7 +105,8 @@ def export_checkpoint(fmt: str, workdir: str, out: str) -> str:
   """Writes the two-tower export of `workdir` (a workdir or an export directory) as `fmt`.
 
   hf: a Hugging Face SiglipModel directory `out` (config.json, model.safetensors and the
-  tokenizer as spiece.model); big_vision: a .npz file `out` with big_vision's 'params/...'
+  tokenizer as spiece.model), or a CLIPModel directory for a CLIP-shaped model (class-token
+  pooling; no tokenizer: HF's CLIP tokenizer is BPE); big_vision: a .npz file `out` with big_vision's 'params/...'
   names; open_clip: an open_clip hub directory `out` (open_clip_config.json,
   open_clip_model.safetensors, and the tokenizer as tokenizer.model). hf and big_vision take
   SigLIP-shaped models (vljax.interop.siglip.spec_from_config says which option does not fit
@@ -111,7 +115,8 @@ def export_checkpoint(fmt: str, workdir: str, out: str) -> str:
   """
   from vljax import checkpoint, configlib  # pylint: disable=g-import-not-at-top
   from vljax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-  from vljax.interop import big_vision, hf, open_clip, siglip  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from vljax.interop import big_vision, hf, hf_clip, open_clip, siglip
   from vljax.models import stacks  # pylint: disable=g-import-not-at-top
   if fmt not in EXPORT_FORMATS:
     raise InteropError(f"Unknown export format {fmt!r}; choose one of {EXPORT_FORMATS}.")
@@ -121,15 +126,22 @@ def export_checkpoint(fmt: str, workdir: str, out: str) -> str:
   proto = tok.serialized_model if tok is not None else None
   # The model's shape is checked (siglip.spec_from_config, open_clip.model_config) before
   # anything is read or written.
-  if fmt == "open_clip":
-    clip_config = open_clip.model_config(config, config.model.get("bias_init") is not None,
-                                         directory)
+  has_bias = config.model.get("bias_init") is not None
+  # A CLIP-shaped model (class-token pooling) leaves as a Hugging Face CLIPModel.
+  hf_clip_model = fmt == "hf" and config.model.image.get("pool_type") == "tok"
+  if fmt == "open_clip" or hf_clip_model:
+    clip_config = open_clip.model_config(config, has_bias, directory)
+    if hf_clip_model and has_bias:
+      raise InteropError(f"{directory}: the model has a logit bias (sigmoid loss); a Hugging "
+                         f"Face CLIPModel has none (export it as open_clip).")
   else:
     spec = siglip.spec_from_config(config, directory)
   params = stacks.to_layout(checkpoint.load_exported_params(directory), "unrolled")
   arrays = siglip.from_vljax(params)
   if fmt == "open_clip":
     return open_clip.write(out, config, clip_config, arrays, proto)
+  if hf_clip_model:
+    return hf_clip.write(out, config, clip_config, arrays)
   if fmt == "big_vision":
     return big_vision.write(out, arrays)
   if not spec.has_bias:

@@ -1,4 +1,5 @@
-"""Hugging Face `SiglipModel` directories (config.json + model.safetensors) <-> vljax.
+"""Hugging Face `SiglipModel` directories (config.json + model.safetensors) <-> vljax
+(`CLIPModel` directories are read by vljax.interop.hf_clip, with this module's blocks).
 
 Read with safetensors' numpy reader: no torch, no pickle (a directory with only
 pytorch_model.bin is read by vljax.interop.torch_pickle, which executes nothing).
@@ -39,9 +40,11 @@ _TEXT_DEFAULTS = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072,
 _TANH_GELU = ("gelu_pytorch_tanh", "gelu_new")
 _LN_EPS = 1e-6
 # Buffers some transformers versions save; they hold no weights.
-_IGNORED = ("vision_model.embeddings.position_ids", "text_model.embeddings.position_ids")
+IGNORED_BUFFERS = ("vision_model.embeddings.position_ids",
+                   "text_model.embeddings.position_ids")
 
-def _encoder(hf: str, bv: str, tower: siglip.Tower) -> list[Entry]:
+def encoder_entries(hf: str, bv: str, tower: siglip.Tower) -> list[Entry]:
+  """The blocks of a transformers encoder (SigLIP's and CLIP's name them alike)."""
   out = []
   w = tower.width
   for i in range(tower.depth):
@@ -69,7 +72,7 @@ def entries(spec: siglip.SiglipSpec, channels: int = 3) -> list[Entry]:
             (v.width,)),
       Entry("vision_model.embeddings.position_embedding.weight", "img/pos_embedding", "posemb",
             (grid * grid, v.width)),
-      *_encoder("vision_model.encoder", "img/Transformer", v),
+      *encoder_entries("vision_model.encoder", "img/Transformer", v),
       *norm("vision_model.post_layernorm", "img/Transformer/encoder_norm", v.width),
       Entry("vision_model.head.probe", "img/MAPHead_0/probe", "copy", (1, 1, v.width)),
       *attention(_MAP_ATTENTION, "img/MAPHead_0/MultiHeadDotProductAttention_0", v.width,
@@ -80,7 +83,7 @@ def entries(spec: siglip.SiglipSpec, channels: int = 3) -> list[Entry]:
             (spec.vocab_size, t.width)),
       Entry("text_model.embeddings.position_embedding.weight", "txt/pos_embedding", "posemb",
             (spec.max_len, t.width)),
-      *_encoder("text_model.encoder", "txt/Encoder_0", t),
+      *encoder_entries("text_model.encoder", "txt/Encoder_0", t),
       *norm("text_model.final_layer_norm", "txt/Encoder_0/encoder_norm", t.width),
       Entry("text_model.head.weight", "txt/head/kernel", "dense", (spec.embed_dim, t.width)),
       Entry("text_model.head.bias", "txt/head/bias", "copy", (spec.embed_dim,)),
@@ -89,15 +92,31 @@ def entries(spec: siglip.SiglipSpec, channels: int = 3) -> list[Entry]:
   ]
 
 
-def _read_config(directory: str) -> dict[str, Any]:
+MODEL_TYPES = ("siglip", "clip")
+
+
+def read_model_config(directory: str) -> dict[str, Any]:
+  """config.json of a Hugging Face model directory, whose model_type vljax reads."""
+  if not os.path.isdir(directory):
+    raise InteropError(f"{directory}: not a directory; --format=hf reads a Hugging Face model "
+                       f"directory ({CONFIG} + {WEIGHTS}).")
   path = os.path.join(directory, CONFIG)
   config = read_json(path, f"no {CONFIG}; a Hugging Face model directory holds {CONFIG} and "
                           f"{WEIGHTS}.")
   kind = config.get("model_type")
-  if kind != "siglip":
+  if kind not in MODEL_TYPES:
     raise InteropError(f"{path}: model_type {kind!r} is not supported; vljax.interop reads "
-                       f"Hugging Face 'siglip' models (SigLIP 2 and CLIP are not done yet).")
+                       f"Hugging Face {' and '.join(repr(t) for t in MODEL_TYPES)} models "
+                       f"(SigLIP 2 is not done yet).")
   return config
+
+
+def read_weights(directory: str) -> TensorFile:
+  """The directory's model.safetensors, or else its pytorch_model.bin (never unpickled)."""
+  weights = os.path.join(directory, WEIGHTS)
+  if not os.path.exists(weights) and os.path.exists(os.path.join(directory, TORCH_WEIGHTS)):
+    return torch_pickle.read_torch(os.path.join(directory, TORCH_WEIGHTS))
+  return read_safetensors(weights)
 
 
 def _tower_config(config: dict, key: str, defaults: dict, path: str) -> dict[str, Any]:
@@ -113,8 +132,10 @@ def _tower_config(config: dict, key: str, defaults: dict, path: str) -> dict[str
 
 def spec_from_config(directory: str) -> tuple[siglip.SiglipSpec, int]:
   """The architecture of the SiglipModel in `directory` and its number of image channels."""
-  config = _read_config(directory)
+  config = read_model_config(directory)
   path = os.path.join(directory, CONFIG)
+  if config["model_type"] != "siglip":
+    raise InteropError(f"{path}: model_type {config['model_type']!r} is not a SiglipModel.")
   v = _tower_config(config, "vision_config", _VISION_DEFAULTS, path)
   t = _tower_config(config, "text_config", _TEXT_DEFAULTS, path)
   if not v["vision_use_head"]:
@@ -140,18 +161,11 @@ def spec_from_config(directory: str) -> tuple[siglip.SiglipSpec, int]:
 def read(directory: str) -> tuple[siglip.SiglipSpec, dict[str, np.ndarray], TensorFile,
                                   dict[str, str]]:
   """(spec, big_vision-layout arrays, the weights file, big_vision name -> file tensor name)."""
-  if not os.path.isdir(directory):
-    raise InteropError(f"{directory}: not a directory; --format=hf reads a Hugging Face model "
-                       f"directory ({CONFIG} + {WEIGHTS}).")
   spec, channels = spec_from_config(directory)
-  weights = os.path.join(directory, WEIGHTS)
-  if not os.path.exists(weights) and os.path.exists(os.path.join(directory, TORCH_WEIGHTS)):
-    source = torch_pickle.read_torch(os.path.join(directory, TORCH_WEIGHTS))
-  else:
-    source = read_safetensors(weights)
+  source = read_weights(directory)
   packed = torch_layout.unpack_in_proj(source, _MAP_ATTENTION, spec.image.width)
   bv, names = torch_layout.to_big_vision(source, entries(spec, channels), packed)
-  source.check_all_used("Hugging Face SiglipModel", ignore=_IGNORED)
+  source.check_all_used("Hugging Face SiglipModel", ignore=IGNORED_BUFFERS)
   return spec, bv, source, names
 
 

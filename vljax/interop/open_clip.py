@@ -190,20 +190,41 @@ def read(src: str, config_path: str | None = None
       packed.update(torch_layout.unpack_in_proj(source, f"{prefix}.resblocks.{i}.attn",
                                                 tower["width"]))
   arrays, names = torch_layout.to_big_vision(source, entries(config), packed)
-  grid = config.data.image_size // v["patch_size"][0]
-  cls = source.take("visual.class_embedding", (v["width"],))
-  pos = source.take("visual.positional_embedding", (grid * grid + 1, v["width"]))
-  arrays["img/cls"] = (cls + pos[0])[None, None]
-  arrays["img/pos_embedding"] = pos[1:][None]
-  names.update({"img/cls": "visual.class_embedding",
-                "img/pos_embedding": "visual.positional_embedding"})
+  take_class_token(source, config, "visual.class_embedding", "visual.positional_embedding",
+                   arrays, names)
   if has_bias:
     arrays["b"], names["b"] = source.take("logit_bias"), "logit_bias"
   source.check_all_used("open_clip CLIP ViT", ignore=("attn_mask",))
   return config, arrays, source, names
 
 
+def take_class_token(source: TensorFile, config: ml_collections.ConfigDict, cls_name: str,
+                     pos_name: str, arrays: dict[str, np.ndarray], names: dict[str, str]) -> None:
+  """CLIP's class embedding and position embedding as vljax's `img/cls` and
+  `img/pos_embedding` (in place): CLIP adds position 0 to its class token, vljax keeps that
+  float32 sum as the class token and the patches keep positions 1..n."""
+  width = config.model.image["width"]
+  grid = config.data.image_size // config.model.image["patch_size"][0]
+  cls = source.take(cls_name, (width,))
+  pos = source.take(pos_name, (grid * grid + 1, width))
+  arrays["img/cls"] = (cls + pos[0])[None, None]
+  arrays["img/pos_embedding"] = pos[1:][None]
+  names.update({"img/cls": cls_name, "img/pos_embedding": pos_name})
+
+
 # ------------------------------------------------------------------ vljax -> open_clip
+
+
+def put_class_token(bv: dict[str, np.ndarray], cls_name: str, pos_name: str,
+                    tensors: dict[str, np.ndarray]) -> None:
+  """The inverse of take_class_token (in place on torch-named arrays): CLIP adds position 0 to
+  its class token and vljax's class token already holds that sum, so it becomes the class
+  embedding and position 0 is zero (the same sum)."""
+  cls = np.asarray(bv["img/cls"], np.float32)
+  width = cls.size
+  tensors[cls_name] = cls.reshape(width)
+  pos = np.asarray(bv["img/pos_embedding"], np.float32)[0]
+  tensors[pos_name] = np.concatenate([np.zeros((1, width), np.float32), pos])
 
 
 def model_config(config: ml_collections.ConfigDict, has_bias: bool,
@@ -261,13 +282,7 @@ def write(directory: str, config: ml_collections.ConfigDict,
   for prefix, tower in (("visual.transformer", v), ("transformer", t)):
     for i in range(tower["depth"]):
       torch_layout.pack_in_proj(tensors, f"{prefix}.resblocks.{i}.attn")
-  # CLIP adds positional_embedding[0] to its class token; vljax's class token already holds
-  # that sum, so it becomes the class embedding and position 0 is zero (the same sum).
-  width = v["width"]
-  tensors["visual.class_embedding"] = np.asarray(bv["img/cls"], np.float32).reshape(width)
-  pos = np.asarray(bv["img/pos_embedding"], np.float32)[0]
-  tensors["visual.positional_embedding"] = np.concatenate([np.zeros((1, width), np.float32),
-                                                           pos])
+  put_class_token(bv, "visual.class_embedding", "visual.positional_embedding", tensors)
   tensors["logit_scale"] = np.asarray(bv["t"], np.float32).reshape(())
   if "b" in bv:
     tensors["logit_bias"] = np.asarray(bv["b"], np.float32).reshape(())
