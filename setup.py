@@ -16,6 +16,8 @@ setuptools.setup(
         "ml-collections>=1.1.0",
         "absl-py",
         "sentencepiece>=0.2.0",
+        # CLIP's BPE tokenizer cleans texts with ftfy, as OpenAI's and open_clip's do.
+        "ftfy>=6.1",
         # Reads Hugging Face / open_clip .safetensors checkpoints with numpy (vljax.interop).
         "safetensors>=0.4",
         "numpy",

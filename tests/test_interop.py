@@ -34,6 +34,7 @@ BV_FILE = os.path.join(FIXTURES, "big_vision_siglip.npz")
 SPIECE = os.path.join(HF_DIR, "spiece.model")
 OPEN_CLIP_DIR = os.path.join(FIXTURES, "open_clip")
 HF_CLIP_DIR = os.path.join(FIXTURES, "hf_clip")
+MAX_LEN_CLIP = 16  # the HF CLIP fixture's max_position_embeddings
 TOL = 1e-5
 
 
@@ -139,6 +140,11 @@ def test_hf_clip_import_matches_the_reference_model(tmp_path):
   assert (options.image.patch_bias, options.image.pre_norm, options.image.activation,
           options.text.activation, options.text.pool_type, options.embed_dim) == (
               False, True, "quick_gelu", "quick_gelu", "argmax", 24)
+  # The directory's merges.txt came along: texts tokenize as open_clip's tokenizer does.
+  bpe = _reference("clip_bpe_reference.npz")
+  short = [i for i, ids in enumerate(bpe["ids"]) if ids[MAX_LEN_CLIP - 1] == 0]
+  np.testing.assert_array_equal(model.tokenize([str(bpe["captions"][i]) for i in short]),
+                                bpe["ids"][short, :MAX_LEN_CLIP])
   # Back out as a CLIPModel: every tensor is the fixture's, bit for bit, but the class token,
   # which holds class_embedding + position 0 (exported as that sum and a zero position 0).
   written = tensors.read_safetensors(os.path.join(
@@ -153,16 +159,21 @@ def test_hf_clip_import_matches_the_reference_model(tmp_path):
   np.testing.assert_array_equal(written[cls], source[cls] + source[pos][0])
   np.testing.assert_array_equal(written[pos][1:], source[pos][1:])
   assert not written[pos][0].any()
-  # Round trips through HF's and open_clip's layouts of the architecture give the same bits.
+  # Round trips through HF's and open_clip's layouts of the architecture give the same bits
+  # (and HF's, the same tokenizer: its merges.txt and vocab.json are written too).
   first = jax.tree.leaves(model.params)
   for fmt in ("hf", "open_clip"):
-    again = interop.import_checkpoint(
+    again = interop.load(interop.import_checkpoint(
         fmt, interop.export_checkpoint(fmt, out, str(tmp_path / f"{fmt}_out")),
-        str(tmp_path / f"{fmt}_again"))
-    second = jax.tree.leaves(interop.load(again).params)
+        str(tmp_path / f"{fmt}_again")))
+    second = jax.tree.leaves(again.params)
     assert len(first) == len(second)
     for a, b in zip(first, second):
       np.testing.assert_array_equal(a, b)
+  assert again.tokenizer is None  # open_clip's hub directory names no tokenizer file
+  for name in ("merges.txt", "vocab.json"):
+    with open(os.path.join(HF_CLIP_DIR, name)) as f, open(tmp_path / "hf_out" / name) as g:
+      assert f.read() == g.read(), name
 
 
 @pytest.mark.parametrize("section,key,value,message", [
@@ -200,8 +211,12 @@ def test_open_clip_unsupported_configs_are_refused(tmp_path):
     message_got = _import_error("open_clip", str(directory), tmp_path)
     assert str(config_file) in message_got and message in message_got
   config_file.write_text(json.dumps(config))
-  with pytest.raises(interop.InteropError, match="BPE tokenizer"):
+  with pytest.raises(interop.InteropError, match="take CLIP.s BPE vocabulary"):
     interop.import_checkpoint("open_clip", str(directory), str(tmp_path / "o"), tokenizer=SPIECE)
+  with pytest.raises(interop.InteropError, match=r"clip_bpe_merges.txt.gz: the tokenizer has "
+                                                 r"731 pieces but the model's vocabulary"):
+    interop.import_checkpoint("open_clip", str(directory), str(tmp_path / "o"),
+                              tokenizer=os.path.join(FIXTURES, "clip_bpe_merges.txt.gz"))
 
 
 def test_both_formats_give_the_same_params(exports):

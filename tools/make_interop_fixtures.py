@@ -34,9 +34,14 @@ What it writes under --out:
                                 tower pooled at the largest id) in the Hugging Face hub layout
   open_clip_reference.npz       its outputs: images, tokens, zimg, ztxt, logits, t, scale
   hf_clip/config.json,          a small random Hugging Face `CLIPModel` (quick GELU, EOS the
-  hf_clip/model.safetensors     largest id) written by save_pretrained (`--only hf_clip` writes
-                                just this one and its reference, with transformers 5.24.0)
+  hf_clip/model.safetensors     largest id) written by save_pretrained over the CLIP BPE
+  hf_clip/merges.txt, vocab.json  vocabulary below (HF's tokenizer files for it); `--only
+                                hf_clip` writes just this one and its reference
   hf_clip_reference.npz         its outputs: images, tokens, zimg, ztxt, logits, t, scale
+  clip_bpe_merges.txt.gz        a CLIP BPE vocabulary (OpenAI's layout: a header line, then 300
+                                merges learned here from a small corpus)
+  clip_bpe_reference.npz        open_clip's SimpleTokenizer on tricky captions with it: captions,
+                                ids (context 24), vocab_size, decoded (decode of encode)
   reference.npz                 the reference model's outputs on fixed inputs: images (NHWC, in
                                 [-1, 1]), tokens (int32 [B, L], SigLIP style: EOS-padded), and
                                 zimg, ztxt (L2-normalised embeddings), logits (logits_per_image),
@@ -270,9 +275,12 @@ def open_clip_files(out: str) -> None:
 
 
 def hf_clip_files(out: str) -> None:
-  """A small random Hugging Face CLIPModel (quick GELU, as OpenAI's) and its outputs."""
+  """A small random Hugging Face CLIPModel (quick GELU, as OpenAI's) over the CLIP BPE
+  vocabulary of clip_bpe_files (its merges.txt and vocab.json beside it), and its outputs."""
+  from open_clip import tokenizer as oc_tok  # pylint: disable=g-import-not-at-top
+  bpe = oc_tok.SimpleTokenizer(bpe_path=os.path.join(out, "clip_bpe_merges.txt.gz"))
   torch.manual_seed(SEED + 6)
-  vocab = 101
+  vocab = bpe.vocab_size
   config = transformers.CLIPConfig(
       vision_config=dict(image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=32,
                          intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -287,7 +295,17 @@ def hf_clip_files(out: str) -> None:
   _perturb(model, SEED + 7)
   with torch.no_grad():
     model.logit_scale.fill_(float(np.log(20.0)))
-  model.save_pretrained(os.path.join(out, "hf_clip"))
+  directory = os.path.join(out, "hf_clip")
+  model.save_pretrained(directory)
+  # HF's CLIP tokenizer files: its names for the two special tokens, the same ids.
+  pieces = {piece: i for piece, i in bpe.encoder.items()}
+  pieces["<|startoftext|>"] = pieces.pop("<start_of_text>")
+  pieces["<|endoftext|>"] = pieces.pop("<end_of_text>")
+  with open(os.path.join(directory, "vocab.json"), "w") as f:
+    json.dump(pieces, f, ensure_ascii=False)
+  with open(os.path.join(directory, "merges.txt"), "w") as f:
+    ranked = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    f.write("#version: 0.2\n" + "\n".join(" ".join(m) for m in ranked) + "\n")
   rng = np.random.default_rng(SEED + 8)
   images = rng.uniform(-2, 2, (2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
   tokens = np.zeros((3, MAX_LEN), np.int32)
@@ -302,6 +320,78 @@ def hf_clip_files(out: str) -> None:
             dict(images=images, tokens=tokens, zimg=out_.image_embeds.numpy(),
                  ztxt=out_.text_embeds.numpy(), logits=out_.logits_per_image.numpy(), t=t,
                  scale=np.exp(t).astype(np.float32)))
+
+
+CLIP_BPE_CORPUS = CORPUS * 3 + [
+    "a photograph of a photographer", "two cats and three dogs", "the cat's toy",
+    "don't stop", "café au lait", "naïve résumé", "東京の猫", "3.5 inches", "rock & roll",
+]
+CLIP_BPE_CAPTIONS = [
+    "A photo of a CAT", "  two   dogs\n\tplaying  ", "the cat's toy isn't here, they'll see",
+    "rock &amp; roll &amp;amp; more", "\u2018curly quotes\u2019 and \u201cdouble\u201d",
+    "caf\u00c3\u00a9 mojibake", "\uff21\uff22\uff23 fullwidth", "\ufb01ne ligature",
+    "na\u00efve r\u00e9sum\u00e9", "\u6771\u4eac\u306e\u732b", "emoji \U0001f431\U0001f436",
+    "3.5 inches, 42nd street", "x\u00b2 + \u2153", "!!!'s ??", "", "<end_of_text> inside",
+    "a very long caption " + "that keeps going " * 12,
+]
+
+
+def _learn_bpe_merges(texts: list[str], count: int) -> list[tuple[str, str]]:
+  """A plain BPE learner over open_clip's pre-tokenised, byte-encoded words (with '</w>')."""
+  import collections  # pylint: disable=g-import-not-at-top
+  from open_clip import tokenizer as oc_tok  # pylint: disable=g-import-not-at-top
+  import regex  # pylint: disable=g-import-not-at-top
+  pattern = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+                          regex.IGNORECASE)
+  byte_encoder = oc_tok.bytes_to_unicode()
+  words = collections.Counter()
+  for text in texts:
+    for word in regex.findall(pattern, oc_tok._clean_lower(text)):  # pylint: disable=protected-access
+      chars = "".join(byte_encoder[b] for b in word.encode("utf-8"))
+      words[tuple(chars[:-1]) + (chars[-1] + "</w>",)] += 1
+  merges = []
+  for _ in range(count):
+    pairs = collections.Counter()
+    for word, n in words.items():
+      for pair in zip(word, word[1:]):
+        pairs[pair] += n
+    if not pairs:
+      break
+    best = max(sorted(pairs), key=lambda p: pairs[p])
+    merges.append(best)
+    merged = collections.Counter()
+    for word, n in words.items():
+      out, i = [], 0
+      while i < len(word):
+        if i < len(word) - 1 and (word[i], word[i + 1]) == best:
+          out.append(word[i] + word[i + 1])
+          i += 2
+        else:
+          out.append(word[i])
+          i += 1
+      merged[tuple(out)] += n
+    words = merged
+  return merges
+
+
+def clip_bpe_files(out: str) -> None:
+  """A small CLIP BPE vocabulary (OpenAI's .txt.gz layout) and open_clip's ids for tricky
+  captions with it."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  from open_clip import tokenizer as oc_tok  # pylint: disable=g-import-not-at-top
+  merges = _learn_bpe_merges(CLIP_BPE_CORPUS, 300)
+  path = os.path.join(out, "clip_bpe_merges.txt.gz")
+  with open(path, "wb") as raw:
+    with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+      # No newline after the last merge: open_clip would read the empty last line as a merge
+      # (an empty piece) in a file shorter than OpenAI's 48,894 merges.
+      f.write(("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges)).encode("utf-8"))
+  tok = oc_tok.SimpleTokenizer(bpe_path=path, context_length=24)
+  _save_npz(os.path.join(out, "clip_bpe_reference.npz"),
+            dict(captions=np.array(CLIP_BPE_CAPTIONS),
+                 ids=tok(CLIP_BPE_CAPTIONS).numpy().astype(np.int32),
+                 vocab_size=np.int32(tok.vocab_size),
+                 decoded=np.array([tok.decode(tok.encode(c)) for c in CLIP_BPE_CAPTIONS])))
 
 
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
@@ -319,12 +409,12 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), os.pardir,
                                                     "tests", "fixtures", "interop"))
-  parser.add_argument("--only", choices=["hf_clip"],
+  parser.add_argument("--only", choices=["hf_clip", "clip_bpe"],
                       help="write only this fixture (the others stay as they are)")
   args = parser.parse_args()
   out = os.path.abspath(args.out)
-  if args.only == "hf_clip":
-    return hf_clip_files(out)
+  if args.only:
+    return {"hf_clip": hf_clip_files, "clip_bpe": clip_bpe_files}[args.only](out)
   hf_dir = os.path.join(out, "hf_siglip")
   os.makedirs(hf_dir, exist_ok=True)
   spiece = os.path.join(hf_dir, "spiece.model")
@@ -334,6 +424,7 @@ def main() -> None:
   _save_npz(os.path.join(out, "big_vision_siglip.npz"), to_big_vision(model))
   torch_files(model, out)
   open_clip_files(out)
+  clip_bpe_files(out)
   hf_clip_files(out)
   _save_npz(os.path.join(out, "reference.npz"),
             {**reference_outputs(model, vocab_size), **tokenizer_reference(spiece)})

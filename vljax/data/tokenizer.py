@@ -218,12 +218,27 @@ class Tokenizer:
     return [self.decode(row) for row in np.asarray(ids)]
 
 
+def open_tokenizer(path: str, lowercase: bool = False):
+  """The tokenizer in the file `path`: a sentencepiece .model, a serialized CLIP BPE tokenizer
+  (what vljax saves for one), or a CLIP BPE vocabulary (OpenAI's .txt.gz, HF's merges.txt;
+  vljax.data.clip_bpe, which lowercases by itself)."""
+  from vljax.data import clip_bpe  # pylint: disable=g-import-not-at-top
+  if path.endswith(('.txt.gz', 'merges.txt')):
+    return clip_bpe.ClipBpeTokenizer.from_file(path)
+  if os.path.isfile(path):
+    with open(path, 'rb') as f:
+      if clip_bpe.is_serialized(f.read(len(clip_bpe.MAGIC))):
+        f.seek(0)
+        return clip_bpe.ClipBpeTokenizer.from_serialized(f.read(), path)
+  return Tokenizer(path, lowercase=lowercase)
+
+
 def load_from_dir(directory: str, lowercase: bool = False) -> Tokenizer | None:
   """The tokenizer saved as DIRECTORY/tokenizer.model, or None if there is none."""
   path = os.path.join(directory, TOKENIZER_FILENAME)
   if not os.path.exists(path):
     return None
-  return Tokenizer(path, lowercase=lowercase)
+  return open_tokenizer(path, lowercase=lowercase)
 
 
 def save_to_dir(tokenizer: Tokenizer, directory: str) -> str:
@@ -332,8 +347,9 @@ def get_tokenizer(path: str | None = None, lowercase: bool = False,
   """The tokenizer at `path` (config.tokenizer.path), or the synthetic one.
 
   Args:
-    path: a sentencepiece `.model` file; None or '' selects the tokenizer
-      trained on the synthetic captions (see `check_config`).
+    path: a sentencepiece `.model` file (or a CLIP BPE vocabulary: open_tokenizer);
+      None or '' selects the tokenizer trained on the synthetic captions (see
+      `check_config`).
     lowercase: lowercase texts before encoding.
     synthetic_vqa: without `path`, the synthetic tokenizer that also knows
       the VQA texts (`train_synthetic_tokenizer(vqa=True)`); pass
@@ -348,7 +364,7 @@ def get_tokenizer(path: str | None = None, lowercase: bool = False,
     raise FileNotFoundError(
         f'Tokenizer model {path!r} not found; check config.tokenizer.path '
         '(empty only on the synthetic data; docs/tokenizer.md).')
-  return Tokenizer(path, lowercase=lowercase)
+  return open_tokenizer(path, lowercase=lowercase)
 
 
 # ----------------------------------------------------------------- config

@@ -39,30 +39,34 @@ def _tokenizer(path: str | None):
     return None
   from vljax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   try:
-    return tokenizer_lib.Tokenizer(path)
+    return tokenizer_lib.open_tokenizer(path)
   except FileNotFoundError:
-    raise InteropError(f"{path}: no such tokenizer file (a sentencepiece .model).") from None
-  except RuntimeError as e:  # sentencepiece's parse error
-    raise InteropError(f"{path}: not a sentencepiece model ({e}).") from None
+    raise InteropError(f"{path}: no such tokenizer file (a sentencepiece .model, or for CLIP "
+                       f"models a CLIP BPE vocabulary).") from None
+  except (RuntimeError, ValueError) as e:  # sentencepiece's / the BPE reader's parse errors
+    raise InteropError(f"{path}: not a tokenizer vljax reads ({e}).") from None
 
 
 def import_checkpoint(fmt: str, src: str, out: str, tokenizer: str | None = None,
                       model_config: str | None = None) -> str:
   """Converts the checkpoint `src` of format `fmt` into a vljax export directory `out`.
 
-  tokenizer: the sentencepiece model of the checkpoint; for --format=hf, SRC/spiece.model
-  when not given. Without one the export still loads through `load` and config.init, but
-  vljax.predict and vljax.evaluate need it (open_clip's BPE tokenizer is not sentencepiece:
-  its imports have none). model_config: open_clip's model config JSON when SRC is a weights
+  tokenizer: the checkpoint's tokenizer: a sentencepiece model for SigLIP (for --format=hf,
+  SRC/spiece.model when not given), CLIP's BPE vocabulary for CLIP models (open_clip's
+  bpe_simple_vocab_16e6.txt.gz; a Hugging Face CLIPModel's SRC/merges.txt when not given).
+  Without one the export still loads through `load` and config.init, but vljax.predict and
+  vljax.evaluate need it. model_config: open_clip's model config JSON when SRC is a weights
   file without an open_clip_config.json beside it. Returns the export directory.
   """
   from vljax import checkpoint  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
+  from vljax.data import clip_bpe
   from vljax.interop import big_vision, hf, hf_clip, open_clip, siglip
   names, text, config = None, None, None
   if fmt == "hf" and hf.read_model_config(src)["model_type"] == "clip":
     config, arrays, source, names = hf_clip.read(src, hf.read_model_config(src))
     spec = None
+    tokenizer = tokenizer or clip_bpe.find_vocabulary(src)
   elif fmt == "hf":
     spec, arrays, source, names = hf.read(src)
     default = os.path.join(src, hf.TOKENIZER)
@@ -76,10 +80,18 @@ def import_checkpoint(fmt: str, src: str, out: str, tokenizer: str | None = None
   else:
     raise InteropError(f"Unknown format {fmt!r}; choose one of {FORMATS}.")
   tok = _tokenizer(tokenizer)
-  if tok is not None and spec is None:
-    raise InteropError(f"{tokenizer}: CLIP models (open_clip's, Hugging Face's CLIPModel) use "
-                       f"a BPE tokenizer, not sentencepiece; import them without --tokenizer.")
-  if tok is not None:
+  is_bpe = isinstance(tok, clip_bpe.ClipBpeTokenizer)
+  if tok is not None and (spec is None) != is_bpe:
+    raise InteropError(
+        f"{tokenizer}: CLIP models (open_clip's, Hugging Face's CLIPModel) take CLIP's BPE "
+        f"vocabulary (bpe_simple_vocab_16e6.txt.gz or merges.txt), SigLIP models a "
+        f"sentencepiece .model; this is the other kind.")
+  if is_bpe:
+    model_vocab = config.model.text["vocab_size"]
+    if tok.vocab_size != model_vocab:
+      raise InteropError(f"{tokenizer}: the tokenizer has {tok.vocab_size} pieces but the "
+                         f"model's vocabulary in {src} has {model_vocab}.")
+  elif tok is not None:
     if tok.vocab_size != spec.vocab_size:
       raise InteropError(f"{tokenizer}: the tokenizer has {tok.vocab_size} pieces but the "
                          f"model's vocabulary in {src} has {spec.vocab_size}.")
@@ -114,6 +126,7 @@ def export_checkpoint(fmt: str, workdir: str, out: str) -> str:
   was written.
   """
   from vljax import checkpoint, configlib  # pylint: disable=g-import-not-at-top
+  from vljax.data import clip_bpe  # pylint: disable=g-import-not-at-top
   from vljax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
   from vljax.interop import big_vision, hf, hf_clip, open_clip, siglip
@@ -123,7 +136,9 @@ def export_checkpoint(fmt: str, workdir: str, out: str) -> str:
   directory = _export_dir(workdir)
   config = configlib.load_run_config(directory)
   tok = tokenizer_lib.load_from_dir(directory)
-  proto = tok.serialized_model if tok is not None else None
+  bpe = tok if isinstance(tok, clip_bpe.ClipBpeTokenizer) else None
+  # A sentencepiece model travels as is; open_clip tokenizes CLIP's BPE with its own copy.
+  proto = tok.serialized_model if tok is not None and bpe is None else None
   # The model's shape is checked (siglip.spec_from_config, open_clip.model_config) before
   # anything is read or written.
   has_bias = config.model.get("bias_init") is not None
@@ -141,7 +156,7 @@ def export_checkpoint(fmt: str, workdir: str, out: str) -> str:
   if fmt == "open_clip":
     return open_clip.write(out, config, clip_config, arrays, proto)
   if hf_clip_model:
-    return hf_clip.write(out, config, clip_config, arrays)
+    return hf_clip.write(out, config, clip_config, arrays, bpe)
   if fmt == "big_vision":
     return big_vision.write(out, arrays)
   if not spec.has_bias:

@@ -11,8 +11,8 @@ the text pooling rule:
 HF pools the text at the first `eos_token_id` (at the largest id when eos_token_id is 2, the
 legacy configs); vljax's CLIP text tower pools at the largest id. The two agree when EOS is the
 vocabulary's largest id (OpenAI's 49407 of 49408) or eos_token_id is 2; any other EOS is
-refused. HF tokenizes with a BPE tokenizer (vocab.json + merges.txt), not sentencepiece, so
-an import carries no tokenizer.
+refused. HF's CLIP tokenizer files (merges.txt, vocab.json) are read and written by
+vljax.data.clip_bpe.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from vljax.data import clip_bpe
 from vljax.interop import hf, open_clip, siglip, torch_layout
 from vljax.interop.tensors import InteropError, TensorFile, read_json
 from vljax.interop.torch_layout import Entry, norm
@@ -137,11 +138,13 @@ def read(directory: str, config: dict
 
 
 def write(directory: str, config: ml_collections.ConfigDict,
-          clip_config: tuple[dict[str, Any], dict[str, Any]], bv: dict[str, np.ndarray]) -> str:
+          clip_config: tuple[dict[str, Any], dict[str, Any]], bv: dict[str, np.ndarray],
+          tokenizer: clip_bpe.ClipBpeTokenizer | None = None) -> str:
   """Writes a Hugging Face CLIPModel directory (config.json, model.safetensors,
   preprocessor_config.json with the image mean / std) from big_vision-layout arrays of a
   CLIP-shaped vljax model; `clip_config` is its checked open_clip (model_cfg, preprocess_cfg)
-  (vljax.interop.open_clip.model_config). No tokenizer goes along: HF's CLIP tokenizer is BPE."""
+  (vljax.interop.open_clip.model_config). A CLIP BPE tokenizer goes along as HF's
+  merges.txt and vocab.json."""
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
   model_cfg, preprocess = clip_config
   tensors = torch_layout.to_torch(bv, entries(config))
@@ -174,4 +177,6 @@ def write(directory: str, config: ml_collections.ConfigDict,
     with open(os.path.join(directory, name), "w") as f:
       json.dump(content, f, indent=2)
       f.write("\n")
+  if tokenizer is not None:
+    tokenizer.write_hf_files(directory)
   return os.path.abspath(directory)
