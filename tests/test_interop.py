@@ -34,6 +34,7 @@ BV_FILE = os.path.join(FIXTURES, "big_vision_siglip.npz")
 SPIECE = os.path.join(HF_DIR, "spiece.model")
 OPEN_CLIP_DIR = os.path.join(FIXTURES, "open_clip")
 HF_CLIP_DIR = os.path.join(FIXTURES, "hf_clip")
+OPEN_CLIP_SIGLIP_DIR = os.path.join(FIXTURES, "open_clip_siglip")
 MAX_LEN_CLIP = 16  # the HF CLIP fixture's max_position_embeddings
 TOL = 1e-5
 
@@ -196,14 +197,56 @@ def test_hf_clip_unsupported_configs_are_refused(tmp_path, section, key, value, 
   assert not os.path.exists(tmp_path / "out")
 
 
+def test_open_clip_siglip_import_matches_the_reference_model(tmp_path):
+  """open_clip's SigLIP (a timm ViT with MAP pooling, its own text tower): the same embeddings,
+  logits and tokenization in vljax; it does not leave for formats whose GELU differs."""
+  out = interop.import_checkpoint("open_clip", OPEN_CLIP_SIGLIP_DIR, str(tmp_path / "out"),
+                                  tokenizer=SPIECE)
+  model = interop.load(out)
+  ref = _reference("open_clip_siglip_reference.npz")
+  _assert_parity(model, ref)
+  options = model.config.model
+  assert (options.image.pool_type, options.image.activation, options.text.activation,
+          options.text.pool_type, options.image.num_heads, options.image.width) == (
+              "map", "gelu", "gelu", "last_position", 12, 48)
+  np.testing.assert_array_equal(model.tokenize([str(c) for c in ref["captions"]]),
+                                ref["caption_tokens"])
+  for fmt in ("hf", "big_vision"):
+    with pytest.raises(interop.InteropError, match=r"model.image.activation='gelu'; a SigLIP "
+                                                   r"checkpoint needs 'gelu_tanh'"):
+      interop.export_checkpoint(fmt, out, str(tmp_path / fmt))
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("vision_cfg", "timm_model_name", "vit_base_patch16_224",
+     r"timm_model_name='vit_base_patch16_224'; vljax reads timm's SigLIP ViTs"),
+    ("vision_cfg", "timm_pool", "avg", r"vision_cfg.timm_pool='avg' is not supported"),
+    ("text_cfg", "pool_type", "argmax", r"text_cfg.pool_type='argmax' is not supported"),
+    ("text_cfg", "layers", 3, r"text.transformer.resblocks.2.attn.in_proj_weight' is missing"),
+])
+def test_open_clip_siglip_unsupported_configs_are_refused(tmp_path, section, key, value,
+                                                          message):
+  directory = tmp_path / "siglip"
+  shutil.copytree(OPEN_CLIP_SIGLIP_DIR, directory)
+  with open(directory / "open_clip_config.json") as f:
+    config = json.load(f)
+  config["model_cfg"][section][key] = value
+  with open(directory / "open_clip_config.json", "w") as f:
+    json.dump(config, f)
+  with pytest.raises(interop.InteropError, match=message):
+    interop.import_checkpoint("open_clip", str(directory), str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")
+
+
 def test_open_clip_unsupported_configs_are_refused(tmp_path):
   directory = tmp_path / "oc"
   shutil.copytree(OPEN_CLIP_DIR, directory)
   config_file = directory / "open_clip_config.json"
   config = json.loads(config_file.read_text())
   for where, key, value, message in (
+      # A timm tower makes it an open_clip SigLIP, which has no CLIP ViT sizes.
       ("vision_cfg", "timm_model_name", "vit_base_patch16_siglip_224",
-       "vision_cfg.timm_model_name='vit_base_patch16_siglip_224' is not supported"),
+       "vision_cfg.patch_size is not supported in an open_clip SigLIP"),
       ("text_cfg", "pool_type", "last", "text_cfg.pool_type='last' is not supported")):
     bad = json.loads(json.dumps(config))
     bad["model_cfg"][where][key] = value

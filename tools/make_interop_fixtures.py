@@ -38,6 +38,12 @@ What it writes under --out:
   hf_clip/merges.txt, vocab.json  vocabulary below (HF's tokenizer files for it); `--only
                                 hf_clip` writes just this one and its reference
   hf_clip_reference.npz         its outputs: images, tokens, zimg, ztxt, logits, t, scale
+  open_clip_siglip/...          a small random open_clip SigLIP (timm ViT with MAP pooling,
+                                bidirectional text tower pooled at the last position, exact
+                                GELU) over the hf_siglip vocabulary, in the hub layout
+  open_clip_siglip_reference.npz  its outputs: images, tokens, zimg, ztxt, logits, t, scale, bias;
+                                captions and caption_tokens: open_clip's SigLIP tokenization
+                                (its canonicalize clean-up, then SiglipTokenizer) of them
   clip_bpe_merges.txt.gz        a CLIP BPE vocabulary (OpenAI's layout: a header line, then 300
                                 merges learned here from a small corpus)
   clip_bpe_reference.npz        open_clip's SimpleTokenizer on tricky captions with it: captions,
@@ -235,10 +241,21 @@ def torch_files(model: transformers.SiglipModel, out: str) -> None:
              for k, v in expected.items()})
 
 
+def _save_open_clip_hub(model: torch.nn.Module, model_cfg: dict, preprocess_cfg: dict,
+                        directory: str) -> None:
+  """open_clip's Hugging Face hub layout: open_clip_model.safetensors, open_clip_config.json."""
+  from safetensors import torch as st_torch  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+  st_torch.save_file(state, os.path.join(directory, "open_clip_model.safetensors"))
+  with open(os.path.join(directory, "open_clip_config.json"), "w") as f:
+    json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, f, indent=2)
+    f.write("\n")
+
+
 def open_clip_files(out: str) -> None:
   """The open_clip CLIP fixture and its reference outputs."""
   import open_clip  # pylint: disable=g-import-not-at-top
-  from safetensors import torch as st_torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(SEED + 3)
   model_cfg = {"embed_dim": 24,
                "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": PATCH, "width": 32,
@@ -249,15 +266,9 @@ def open_clip_files(out: str) -> None:
   _perturb(model, SEED + 4)
   with torch.no_grad():
     model.logit_scale.fill_(float(np.log(20.0)))
-  directory = os.path.join(out, "open_clip")
-  os.makedirs(directory, exist_ok=True)
-  state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-  st_torch.save_file(state, os.path.join(directory, "open_clip_model.safetensors"))
-  with open(os.path.join(directory, "open_clip_config.json"), "w") as f:
-    json.dump({"model_cfg": model_cfg,
-               "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN),
-                                  "std": list(open_clip.OPENAI_DATASET_STD)}}, f, indent=2)
-    f.write("\n")
+  _save_open_clip_hub(model, model_cfg, {"mean": list(open_clip.OPENAI_DATASET_MEAN),
+                                          "std": list(open_clip.OPENAI_DATASET_STD)},
+                      os.path.join(out, "open_clip"))
   rng = np.random.default_rng(SEED + 5)
   images = rng.uniform(-2, 2, (2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
   tokens = np.zeros((3, MAX_LEN), np.int32)  # CLIP pads with 0; its EOT is the largest id
@@ -394,6 +405,65 @@ def clip_bpe_files(out: str) -> None:
                  decoded=np.array([tok.decode(tok.encode(c)) for c in CLIP_BPE_CAPTIONS])))
 
 
+def open_clip_siglip_files(out: str, vocab_size: int) -> None:
+  """A small random open_clip SigLIP (CustomTextCLIP: a timm ViT with MAP pooling, open_clip's
+  bidirectional text tower pooled at the last position) in the hub layout, and its outputs.
+
+  The model config names timm's `vit_base_patch16_siglip_224`, built here at a tiny size (the
+  name's own head count, 12; width, depth, MLP, patch and image size passed to timm), which is
+  what vljax reads: the sizes from the tensors, the heads from the name."""
+  import open_clip  # pylint: disable=g-import-not-at-top
+  import timm  # pylint: disable=g-import-not-at-top
+  tiny = dict(embed_dim=48, depth=2, num_heads=12, mlp_ratio=2.0, patch_size=PATCH,
+              img_size=IMAGE_SIZE)
+  model_cfg = {"embed_dim": 48, "init_logit_bias": -10, "custom_text": True,
+               "vision_cfg": {"image_size": IMAGE_SIZE,
+                              "timm_model_name": "vit_base_patch16_siglip_224",
+                              "timm_model_pretrained": False, "timm_pool": "map",
+                              "timm_proj": "none"},
+               "text_cfg": {"context_length": MAX_LEN, "vocab_size": vocab_size, "width": 32,
+                            "heads": 4, "layers": 2, "mlp_ratio": 2.0, "no_causal_mask": True,
+                            "proj_bias": True, "pool_type": "last",
+                            "norm_kwargs": {"eps": 1e-6}}}
+  create = timm.create_model
+  timm.create_model = lambda name, **kw: create(name, **dict(kw, **tiny))
+  try:
+    torch.manual_seed(SEED + 9)
+    model = open_clip.model.CustomTextCLIP(
+        embed_dim=48, vision_cfg=model_cfg["vision_cfg"], text_cfg=model_cfg["text_cfg"],
+        init_logit_bias=-10).eval()
+  finally:
+    timm.create_model = create
+  _perturb(model, SEED + 10)
+  with torch.no_grad():
+    model.logit_scale.fill_(float(np.log(10.0)))
+    model.logit_bias.fill_(-3.0)
+  _save_open_clip_hub(model, model_cfg, {"mean": [0.5] * 3, "std": [0.5] * 3},
+                      os.path.join(out, "open_clip_siglip"))
+  rng = np.random.default_rng(SEED + 11)
+  images = rng.uniform(-1, 1, (2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+  tokens = np.ones((3, MAX_LEN), np.int32)  # SigLIP pads with EOS (id 1)
+  for row, n in enumerate((3, 8, MAX_LEN)):
+    tokens[row, :n] = rng.integers(3, vocab_size, n)
+  with torch.no_grad():
+    zimg = model.encode_image(torch.from_numpy(images.transpose(0, 3, 1, 2)), normalize=True)
+    ztxt = model.encode_text(torch.from_numpy(tokens.astype(np.int64)), normalize=True)
+    logits = (model.logit_scale.exp() * zimg @ ztxt.T + model.logit_bias).numpy()
+  t = model.logit_scale.detach().numpy().reshape(()).astype(np.float32)
+  # open_clip's SigLIP tokenizer: its 'canonicalize' clean-up, then HF's SiglipTokenizer
+  # (open_clip.tokenizer.HFTokenizer, whose hub files cannot be fetched here: the same steps).
+  from open_clip import tokenizer as oc_tok  # pylint: disable=g-import-not-at-top
+  hf_tok = transformers.SiglipTokenizer(vocab_file=os.path.join(out, "hf_siglip", "spiece.model"))
+  captions = TRICKY_CAPTIONS + ["snake_case_words and html &amp; entities"]
+  cleaned = [oc_tok._clean_canonicalize(c) for c in captions]  # pylint: disable=protected-access
+  ids = hf_tok(cleaned, padding="max_length", truncation=True, max_length=MAX_LEN)["input_ids"]
+  _save_npz(os.path.join(out, "open_clip_siglip_reference.npz"),
+            dict(images=images, tokens=tokens, zimg=zimg.numpy(), ztxt=ztxt.numpy(),
+                 logits=logits, t=t, scale=np.exp(t).astype(np.float32),
+                 bias=model.logit_bias.detach().numpy().reshape(()).astype(np.float32),
+                 captions=np.array(captions), caption_tokens=np.array(ids, np.int32)))
+
+
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
   """np.savez with fixed zip timestamps, so a rerun writes the same bytes."""
   import zipfile  # pylint: disable=g-import-not-at-top
@@ -409,10 +479,13 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), os.pardir,
                                                     "tests", "fixtures", "interop"))
-  parser.add_argument("--only", choices=["hf_clip", "clip_bpe"],
+  parser.add_argument("--only", choices=["hf_clip", "clip_bpe", "open_clip_siglip"],
                       help="write only this fixture (the others stay as they are)")
   args = parser.parse_args()
   out = os.path.abspath(args.out)
+  if args.only == "open_clip_siglip":
+    return open_clip_siglip_files(out, spm.SentencePieceProcessor(
+        model_file=os.path.join(out, "hf_siglip", "spiece.model")).get_piece_size())
   if args.only:
     return {"hf_clip": hf_clip_files, "clip_bpe": clip_bpe_files}[args.only](out)
   hf_dir = os.path.join(out, "hf_siglip")
@@ -426,6 +499,7 @@ def main() -> None:
   open_clip_files(out)
   clip_bpe_files(out)
   hf_clip_files(out)
+  open_clip_siglip_files(out, vocab_size)
   _save_npz(os.path.join(out, "reference.npz"),
             {**reference_outputs(model, vocab_size), **tokenizer_reference(spiece)})
   with open(os.path.join(out, "versions.json"), "w") as f:

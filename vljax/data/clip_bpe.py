@@ -86,11 +86,16 @@ def split_words(text: str) -> list[str]:
   return words
 
 
-def clean(text: str) -> str:
-  """Step 1: ftfy, HTML unescaping, whitespace, lowercase (open_clip's clean='lower')."""
+def basic_clean(text: str) -> str:
+  """ftfy's repairs, HTML unescaped twice, stripped: open_clip's basic_clean, the start of
+  each of its clean-ups."""
   import ftfy  # pylint: disable=g-import-not-at-top
-  text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-  return " ".join(text.split()).lower()
+  return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def clean(text: str) -> str:
+  """Step 1: basic_clean, whitespace, lowercase (open_clip's clean='lower')."""
+  return " ".join(basic_clean(text).split()).lower()
 
 
 class ClipBpeTokenizer:

@@ -61,7 +61,7 @@ def import_checkpoint(fmt: str, src: str, out: str, tokenizer: str | None = None
   from vljax import checkpoint  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
   from vljax.data import clip_bpe
-  from vljax.interop import big_vision, hf, hf_clip, open_clip, siglip
+  from vljax.interop import big_vision, hf, hf_clip, open_clip, open_clip_siglip, siglip
   names, text, config = None, None, None
   if fmt == "hf" and hf.read_model_config(src)["model_type"] == "clip":
     config, arrays, source, names = hf_clip.read(src, hf.read_model_config(src))
@@ -77,25 +77,28 @@ def import_checkpoint(fmt: str, src: str, out: str, tokenizer: str | None = None
   elif fmt == "open_clip":
     config, arrays, source, names = open_clip.read(src, model_config)
     spec = None
+    if config.model.text.get("pool_type") != "argmax":  # a SigLIP: open_clip canonicalizes
+      text = open_clip_siglip.TEXT_NORMALIZATION
   else:
     raise InteropError(f"Unknown format {fmt!r}; choose one of {FORMATS}.")
   tok = _tokenizer(tokenizer)
   is_bpe = isinstance(tok, clip_bpe.ClipBpeTokenizer)
-  if tok is not None and (spec is None) != is_bpe:
+  # CLIP-shaped models (text pooled at the largest id) read CLIP's BPE, SigLIP ones sentencepiece.
+  clip_shaped = config is not None and config.model.text.get("pool_type") == "argmax"
+  if tok is not None and clip_shaped != is_bpe:
     raise InteropError(
         f"{tokenizer}: CLIP models (open_clip's, Hugging Face's CLIPModel) take CLIP's BPE "
         f"vocabulary (bpe_simple_vocab_16e6.txt.gz or merges.txt), SigLIP models a "
         f"sentencepiece .model; this is the other kind.")
-  if is_bpe:
-    model_vocab = config.model.text["vocab_size"]
-    if tok.vocab_size != model_vocab:
-      raise InteropError(f"{tokenizer}: the tokenizer has {tok.vocab_size} pieces but the "
-                         f"model's vocabulary in {src} has {model_vocab}.")
-  elif tok is not None:
-    if tok.vocab_size != spec.vocab_size:
-      raise InteropError(f"{tokenizer}: the tokenizer has {tok.vocab_size} pieces but the "
-                         f"model's vocabulary in {src} has {spec.vocab_size}.")
-    spec = dataclasses.replace(spec, pad_id=tok.pad_id, eos_id=tok.eos_id)
+  model_vocab = spec.vocab_size if spec is not None else config.model.text["vocab_size"]
+  if tok is not None and tok.vocab_size != model_vocab:
+    raise InteropError(f"{tokenizer}: the tokenizer has {tok.vocab_size} pieces but the "
+                       f"model's vocabulary in {src} has {model_vocab}.")
+  if tok is not None and not is_bpe:  # the model embeds the tokenizer's own pad / eos ids
+    if spec is not None:
+      spec = dataclasses.replace(spec, pad_id=tok.pad_id, eos_id=tok.eos_id)
+    else:
+      config.model.text["pad_id"], config.model.text["eos_id"] = tok.pad_id, tok.eos_id
   config = config or siglip.run_config(spec)
   params = siglip.to_vljax(arrays, config, source, names)
   path = checkpoint.write_export(out, params, config.to_json(indent=2), tok)
@@ -222,13 +225,15 @@ class ImportedModel:
   def tokenize(self, texts: Sequence[str]) -> np.ndarray:
     """int32 [N, config.data.max_len]: the ids as the source library's tokenizer gives them
     (SigLIP: text, EOS, then EOS as padding; from Hugging Face, after its SiglipTokenizer's
-    clean-up: lowercase, no ASCII punctuation, collapsed whitespace)."""
-    from vljax.interop import siglip  # pylint: disable=g-import-not-at-top
+    clean-up: lowercase, no ASCII punctuation, collapsed whitespace; from open_clip's SigLIP,
+    after its 'canonicalize' clean-up)."""
+    from vljax.interop import open_clip_siglip, siglip  # pylint: disable=g-import-not-at-top
     if self.tokenizer is None:
       raise InteropError("This export has no tokenizer.model; import it with --tokenizer.")
-    texts = list(texts)
-    if self.source.get("text_normalization") == siglip.HF_TEXT:
-      texts = [siglip.canonicalize_text(t) for t in texts]
+    normalize = {siglip.HF_TEXT: siglip.canonicalize_text,
+                 open_clip_siglip.TEXT_NORMALIZATION: open_clip_siglip.canonicalize_text}.get(
+                     self.source.get("text_normalization"), lambda t: t)
+    texts = [normalize(t) for t in texts]
     ids = self.tokenizer.encode(texts, self.config.data.max_len)
     pad_as = self.config.model.text.get("embed_pad_as")
     if pad_as is not None:

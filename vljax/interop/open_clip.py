@@ -122,7 +122,8 @@ def run_config(model_cfg: dict, preprocess: dict, has_bias: bool,
   return c
 
 
-def _blocks(torch_prefix: str, bv_prefix: str, tower: dict) -> list[Entry]:
+def text_blocks(torch_prefix: str, bv_prefix: str, tower: dict) -> list[Entry]:
+  """open_clip's CLIP blocks (packed in_proj under stand-in names: torch_layout)."""
   out = []
   w, heads = tower["width"], tower["num_heads"]
   for i in range(tower["depth"]):
@@ -141,14 +142,14 @@ def entries(config: ml_collections.ConfigDict) -> list[Entry]:
   return [
       Entry("visual.conv1.weight", "img/embedding/kernel", "conv", (v["width"], 3, p, p)),
       *norm("visual.ln_pre", "img/pre_norm", v["width"]),
-      *_blocks("visual.transformer", "img/Transformer", v),
+      *text_blocks("visual.transformer", "img/Transformer", v),
       *norm("visual.ln_post", "img/Transformer/encoder_norm", v["width"]),
       Entry("visual.proj", "img/head/kernel", "copy", (v["width"], e)),
       Entry("token_embedding.weight", "txt/Embed_0/embedding", "copy",
             (t["vocab_size"], t["width"])),
       Entry("positional_embedding", "txt/pos_embedding", "posemb",
             (config.data.max_len, t["width"])),
-      *_blocks("transformer", "txt/Encoder_0", t),
+      *text_blocks("transformer", "txt/Encoder_0", t),
       *norm("ln_final", "txt/Encoder_0/encoder_norm", t["width"]),
       Entry("text_projection", "txt/head/kernel", "copy", (t["width"], e)),
       Entry("logit_scale", "t", "copy", ()),
@@ -181,6 +182,13 @@ def read(src: str, config_path: str | None = None
     if source.arrays and all(k.startswith(wrapper) for k in source.arrays):
       source.arrays = {k[len(wrapper):]: v for k, v in source.arrays.items()}
       source.name_prefix += wrapper
+  from vljax.interop import open_clip_siglip  # pylint: disable=g-import-not-at-top
+  if open_clip_siglip.is_siglip(model_cfg):
+    config, arrays, names = open_clip_siglip.read(model_cfg, source, config_path)
+    if preprocess.get("mean", [0.5] * 3) != [0.5] * 3 or preprocess.get("std",
+                                                                         [0.5] * 3) != [0.5] * 3:
+      config.data.mean, config.data.std = list(preprocess["mean"]), list(preprocess["std"])
+    return config, arrays, source, names
   has_bias = "logit_bias" in source
   config = run_config(model_cfg, preprocess, has_bias, config_path)
   v, t = config.model.image, config.model.text

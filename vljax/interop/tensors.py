@@ -40,6 +40,12 @@ class TensorFile:
   def names(self) -> list[str]:
     return sorted(self.arrays)
 
+  def shape(self, name: str) -> tuple[int, ...]:
+    """The shape of the array `name` (an error naming it when it is missing); not a `take`."""
+    if name not in self.arrays:
+      raise self.error(name, f"is missing ({len(self.arrays)} tensors in the file).")
+    return tuple(self.arrays[name].shape)
+
   def error(self, name: str, problem: str) -> InteropError:
     return InteropError(f"{self.path}: tensor {self.name_prefix + name!r} {problem}")
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from vljax.interop.tensors import TensorFile
+from vljax.interop.tensors import TensorFile, check_shape
 
 # kind -> (torch -> big_vision, big_vision -> torch); `h` is the number of heads.
 _Convert = Callable[[np.ndarray, int], np.ndarray]
@@ -36,13 +36,16 @@ class Entry:
     self.hf, self.bv, self.kind, self.shape, self.heads = hf, bv, kind, shape, heads
 
 
-def attention(hf: str, bv: str, width: int, heads: int) -> list[Entry]:
-  out = []
+def attention(hf: str, bv: str, width: int, heads: int, out: str = "out_proj") -> list[Entry]:
+  """q/k/v projections `{hf}.{q,k,v}_proj` and the output projection `{hf}.{out}`."""
+  entries = []
   for proj, name in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
-    out += [Entry(f"{hf}.{proj}.weight", f"{bv}/{name}/kernel", "qkv", (width, width), heads),
-            Entry(f"{hf}.{proj}.bias", f"{bv}/{name}/bias", "qkv_bias", (width,), heads)]
-  return out + [Entry(f"{hf}.out_proj.weight", f"{bv}/out/kernel", "out", (width, width), heads),
-                Entry(f"{hf}.out_proj.bias", f"{bv}/out/bias", "copy", (width,))]
+    entries += [Entry(f"{hf}.{proj}.weight", f"{bv}/{name}/kernel", "qkv", (width, width),
+                      heads),
+                Entry(f"{hf}.{proj}.bias", f"{bv}/{name}/bias", "qkv_bias", (width,), heads)]
+  return entries + [
+      Entry(f"{hf}.{out}.weight", f"{bv}/out/kernel", "out", (width, width), heads),
+      Entry(f"{hf}.{out}.bias", f"{bv}/out/bias", "copy", (width,))]
 
 
 def norm(hf: str, bv: str, width: int) -> list[Entry]:
@@ -74,6 +77,18 @@ def unpack_in_proj(source: TensorFile, prefix: str, width: int) -> dict[str, tup
   return out
 
 
+def unpack_fused(source: TensorFile, prefix: str, fused: str, projections: tuple[str, ...],
+                 width: int) -> dict[str, tuple[np.ndarray, str]]:
+  """`{prefix}.{fused}.{weight,bias}` (timm's `qkv`, its MAP head's `kv`) split into the
+  `projections` in order: stand-in name -> (array, real name), as unpack_in_proj."""
+  out, n = {}, len(projections)
+  for suffix, shape in (("weight", (n * width, width)), ("bias", (n * width,))):
+    real = f"{prefix}.{fused}.{suffix}"
+    for proj, part in zip(projections, np.split(source.take(real, shape), n)):
+      out[f"{prefix}.{proj}.{suffix}"] = (part, real)
+  return out
+
+
 def pack_in_proj(tensors: dict[str, np.ndarray], prefix: str) -> None:
   """The inverse of unpack_in_proj, in place on torch-named arrays."""
   for suffix in ("weight", "bias"):
@@ -90,8 +105,7 @@ def to_big_vision(source: TensorFile, entries: list[Entry],
   for e in entries:
     if e.hf in packed:
       value, names[e.bv] = packed[e.hf]
-      if tuple(value.shape) != e.shape:  # a packed tensor's thirds: checked as a whole
-        source.take(names[e.bv], (3 * e.shape[0],) + e.shape[1:])
+      check_shape(source, names[e.bv], value.shape, e.shape)
     else:
       value, names[e.bv] = source.take(e.hf, e.shape), e.hf
     arrays[e.bv] = KINDS[e.kind][0](value, e.heads)

@@ -400,6 +400,8 @@ class MAPHead(nn.Module):
   mlp_dim: int | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_eps: float = 1e-6  # the LayerNorm's epsilon and the MLP's activation: big_vision's
+  activation: str = "gelu_tanh"
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None) -> Array:
@@ -412,9 +414,10 @@ class MAPHead(nn.Module):
     x = MultiHeadAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
                            name="MultiHeadAttention_0")(probe, x, attn_mask)
     x = constrain(x, ACT_SEQ)
-    y = layer_norm(self.dtype, self.param_dtype, name="LayerNorm_0")(x)
+    y = layer_norm(self.dtype, self.param_dtype, name="LayerNorm_0", epsilon=self.norm_eps)(x)
     x = x + MlpBlock(self.mlp_dim or 4 * width, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="MlpBlock_0")(y)
+                     param_dtype=self.param_dtype, name="MlpBlock_0",
+                     activation=self.activation)(y)
     return x[:, 0]
 
 

@@ -141,7 +141,8 @@ class VisionTransformer(nn.Module):
     elif self.pool_type == "map":
       tokens = x
       pooled = layers.MAPHead(self.num_heads, self.mlp_dim, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name="MAPHead_0")(x)
+                              param_dtype=self.param_dtype, norm_eps=self.norm_eps,
+                              activation=self.activation, name="MAPHead_0")(x)
     elif self.pool_type == "gap":
       tokens = x
       pooled = jnp.mean(x, axis=1)
