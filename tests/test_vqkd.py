@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vljax import checkpoint, configlib, evals, init_weights, optim, sharding, train
+from vljax import checkpoint, configlib, evals, init_weights, sharding, train
 from vljax.data import tokenizer as tokenizer_lib
 from vljax.models import quantizer
 from vljax.models import vqkd as vqkd_model
 
 import train_helpers  # pylint: disable=g-bad-import-order
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = train_helpers.ROOT
 
 
 def _unit(rng, *shape):
@@ -104,19 +104,14 @@ def teacher_run(tmp_path_factory, tok):
   params = train.init_state(setup, seed=3).params
   workdir = str(tmp_path_factory.mktemp("siglip"))
   checkpoint.export_params(workdir, params, config.to_json())
-  return workdir, {optim.param_path(p): np.asarray(x)
-                   for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return workdir, train_helpers.named_arrays(params)
 
 
 def _config(teacher, *overrides):
-  config = configlib.load_config_file(
-      os.path.join(ROOT, "configs", f"vqkd.py:teacher={teacher},scale=tiny"))
-  return configlib.apply_overrides(config, list(overrides))
+  return train_helpers.tiny_config("vqkd", *overrides, args=f"teacher={teacher}")
 
 
-def _named(tree):
-  return {optim.param_path(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+_named = train_helpers.named_arrays
 
 
 def test_teacher_loaded_frozen_and_codebook_set_by_its_rule(teacher_run, tok):

@@ -6,16 +6,23 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from vljax import configlib, sharding, train
+from vljax import configlib, optim, sharding, train
 from vljax.objectives import make_objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(name: str, *overrides: str):
-  """configs/NAME.py:scale=tiny with `key=value` overrides."""
-  config = configlib.load_config_file(os.path.join(ROOT, "configs", f"{name}.py:scale=tiny"))
+def tiny_config(name: str, *overrides: str, args: str = ""):
+  """configs/NAME.py:scale=tiny[,ARGS] with `key=value` overrides."""
+  arg = f"scale=tiny,{args}" if args else "scale=tiny"
+  config = configlib.load_config_file(os.path.join(ROOT, "configs", f"{name}.py:{arg}"))
   return configlib.apply_overrides(config, list(overrides))
+
+
+def named_arrays(tree):
+  """{parameter path (optim.param_path): numpy array} of a pytree."""
+  return {optim.param_path(p): np.asarray(x)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def random_batch(config, objective, seed=0):

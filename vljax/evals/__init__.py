@@ -13,7 +13,9 @@ objectives with generate(params, images, max_len) get captioning CIDEr-D and BLE
 retrieval set's images against its captions; objectives that also ask questions (vqa_prefix) get
 VQA accuracy on the 'vqa' set ({'image', 'question', 'answers', 'answer_type'}); visual
 tokenizers (tokenizer_outputs) get codebook usage and reconstruction on the held-out images
-(vljax.evals.tokenizer). Every evaluation also reports what it scored
+(vljax.evals.tokenizer); masked data modelling (masked_modelling_hits, BEiT-3) gets held-out
+masked-token accuracies on the retrieval set's pairs (vljax.evals.masked_modeling). Every
+evaluation also reports what it scored
 (eval/zeroshot_examples, eval/retrieval_images, ...; docs/evaluation.md).
 """
 from __future__ import annotations
@@ -274,4 +276,9 @@ def build_evaluator(config, objective, eval_sets: dict[str, Any], tokenizer, mes
     scored.add("retrieval" if "retrieval" in eval_sets else "zeroshot")
     parts.append(tokenizer.TokenizerEvaluator(objective, eval_sets, mesh,
                                               config.eval.batch_size))
+  if hasattr(objective, "masked_modelling_hits") and "retrieval" in eval_sets:
+    from vljax.evals import masked_modeling  # pylint: disable=g-import-not-at-top
+    scored.add("retrieval")
+    parts.append(masked_modeling.MaskedModellingEvaluator(
+        objective, eval_sets, tokenizer, config.data.max_len, mesh, config.eval.batch_size))
   return Evaluator(parts, mesh, rules, {name: eval_sets[name] for name in sorted(scored)})

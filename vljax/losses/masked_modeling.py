@@ -1,6 +1,7 @@
 """Masked image modelling pieces (BEiT-style block-wise masks, normalised-pixel targets).
 
   blockwise_patch_mask(key, grid, num_masked)        -> bool [gh * gw]
+  blockwise_patch_masks(key, batch, grid, num_masked) -> bool [batch, gh * gw]
   patch_pixel_targets(images, patch)                 -> [B, n, patch * patch * 3]
   masked_patch_loss(predictions, targets, mask)      -> scalar
 
@@ -68,6 +69,14 @@ def blockwise_patch_mask(key: jax.Array, grid: tuple[int, int], num_masked: int,
   order = jnp.argsort(jnp.where(mask, 2.0, noise))  # unmasked patches first, in random order
   rank = jnp.argsort(order)
   return mask | (rank < short)
+
+
+def blockwise_patch_masks(key: jax.Array, batch_size: int, grid: tuple[int, int],
+                          num_masked: int) -> jax.Array:
+  """bool [batch_size, gh * gw]: a block-wise mask per example of the (global) batch, each from
+  its own key."""
+  return jax.vmap(lambda k: blockwise_patch_mask(k, grid, num_masked))(
+      jax.random.split(key, batch_size))
 
 
 def patch_pixel_targets(images: jax.Array, patch: int) -> jax.Array:

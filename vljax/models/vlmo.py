@@ -13,6 +13,7 @@ stage), mim_head (width -> patch * patch * 3 pixels, the image-only stage).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
@@ -26,6 +27,32 @@ from vljax.models import two_towers
 
 Array = jax.Array
 Dtype = Any
+
+
+def head_dense(features: int, names: tuple[str | None, ...], name: str, dtype: Dtype,
+               param_dtype: Dtype, use_bias: bool = True, init=None) -> nn.Dense:
+  """A Dense head layer with logical names (kernel `names`, bias `names[1:]`), lecun-normal
+  kernel unless `init` is given, zero bias."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=layers.partitioned(init or nn.initializers.lecun_normal(), names),
+                  bias_init=layers.partitioned(nn.initializers.zeros, names[1:]))
+
+
+def bert_mlm_head(width: int, vocab: int, dtype: Dtype,
+                  param_dtype: Dtype) -> tuple[nn.Module, nn.Module, nn.Module]:
+  """BERT's prediction head, built inside a parent's setup() (the parameters are the parent's
+  mlm_transform, mlm_norm, mlm_decoder): Dense + GELU, LayerNorm, then the vocabulary
+  projection with float32 logits (they feed a float32 log-softmax). Apply with apply_mlm_head."""
+  return (head_dense(width, ("embed", None), "mlm_transform", dtype, param_dtype),
+          layers.layer_norm(dtype, param_dtype, name="mlm_norm"),
+          head_dense(vocab, ("embed", "vocab"), "mlm_decoder", jnp.float32, param_dtype,
+                     init=nn.initializers.xavier_uniform()))
+
+
+def apply_mlm_head(head: tuple[nn.Module, nn.Module, nn.Module], states: Array) -> Array:
+  """[..., vocab] float32 logits of bert_mlm_head's layers on states [..., W]."""
+  transform, norm, decoder = head
+  return decoder(norm(nn.gelu(transform(states))))
 
 
 class Vlmo(nn.Module):
@@ -48,22 +75,12 @@ class Vlmo(nn.Module):
     sizes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.mw = multiway.Multiway(**self.transformer, **sizes)
     width, vocab = self.transformer["width"], self.transformer["vocab_size"]
-
-    def dense(features, names, name, use_bias=True, dtype=self.dtype, init=None):
-      return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=self.param_dtype,
-                      name=name,
-                      kernel_init=layers.partitioned(init or nn.initializers.lecun_normal(),
-                                                     names),
-                      bias_init=layers.partitioned(nn.initializers.zeros, names[1:]))
+    dense = functools.partial(head_dense, dtype=self.dtype, param_dtype=self.param_dtype)
     self.img_proj = dense(self.embed_dim, ("embed", None), "img_proj", use_bias=False)
     self.txt_proj = dense(self.embed_dim, ("embed", None), "txt_proj", use_bias=False)
     self.pooler = dense(width, ("embed", None), "pooler")
     self.itm_head = dense(2, (None, None), "itm_head")
-    self.mlm_transform = dense(width, ("embed", None), "mlm_transform")
-    self.mlm_norm = layers.layer_norm(self.dtype, self.param_dtype, name="mlm_norm")
-    # float32 logits: they feed a float32 log-softmax over the vocabulary.
-    self.mlm_decoder = dense(vocab, ("embed", "vocab"), "mlm_decoder", dtype=jnp.float32,
-                             init=nn.initializers.xavier_uniform())
+    self.mlm_head = bert_mlm_head(width, vocab, self.dtype, self.param_dtype)
     patch = self.transformer["patch_size"]
     # Masked image modelling (the image-only stage): per-patch pixels, float32.
     self.mim_head = dense(patch * patch * 3, ("embed", None), "mim_head", dtype=jnp.float32)
@@ -94,7 +111,7 @@ class Vlmo(nn.Module):
   def mlm_logits(self, image_embeds: Array, tokens: Array, train: bool = False) -> Array:
     """[B, L, vocab] float32 at the caption positions of the fused sequence."""
     states = self.fused_states(image_embeds, tokens, train)[:, 1:1 + tokens.shape[1]]
-    return self.mlm_decoder(self.mlm_norm(nn.gelu(self.mlm_transform(states))))
+    return apply_mlm_head(self.mlm_head, states)
 
   def mim_predictions(self, images: Array, patch_mask: Array, train: bool = False) -> Array:
     """[B, n, patch * patch * 3] float32 pixel predictions for every patch, the image-only mode
@@ -103,8 +120,7 @@ class Vlmo(nn.Module):
 
   def text_mlm_logits(self, tokens: Array, train: bool = False) -> Array:
     """[B, L, vocab] float32 from the text-only mode (the text-only MLM stage)."""
-    states = self.mw.text(tokens, train)[0][:, 1:]
-    return self.mlm_decoder(self.mlm_norm(nn.gelu(self.mlm_transform(states))))
+    return apply_mlm_head(self.mlm_head, self.mw.text(tokens, train)[0][:, 1:])
 
   def scale(self) -> Array:
     return jnp.exp(self.logit_scale.astype(jnp.float32))

@@ -15,7 +15,9 @@ and loaded with the rest: BEiT-3 reads a run's `encoder`, `encode_task` and `cod
 
 Parameter tree: encoder/ (VisionTransformer, pool 'none'), encode_task/{hidden, out},
 codebook, decoder/ (VisionTransformer, 1x1 patches, pool 'none'), decode_task/{hidden, out},
-teacher/ (VisionTransformer, pool 'none').
+teacher/ (VisionTransformer, pool 'none'). Without a decoder and a teacher (decoder=None,
+teacher=None) the module is the tokenizer alone: encoder/, encode_task/ and codebook, the part
+BEiT-3 loads and freezes (vljax.models.beit3).
 """
 from __future__ import annotations
 
@@ -63,18 +65,24 @@ class VqKd(nn.Module):
 
   Attributes:
     encoder: VisionTransformer kwargs of the tokenizer's encoder (may hold 'variant').
-    decoder: width, depth, mlp_dim, num_heads of the decoder (its patches are 1x1 codes).
-    teacher: VisionTransformer kwargs of the teacher (its run's image encoder).
     num_codes: K, the codebook size.
     code_dim: d, the width of a code.
+    decoder: width, depth, mlp_dim, num_heads of the decoder (its patches are 1x1 codes);
+      None: no decoder (tokenize only).
+    teacher: VisionTransformer kwargs of the teacher (its run's image encoder); None: no
+      teacher (tokenize only). The decoder reconstructs the teacher's features, so it needs one.
   """
   encoder: Mapping[str, Any]
-  decoder: Mapping[str, Any]
-  teacher: Mapping[str, Any]
   num_codes: int
   code_dim: int
+  decoder: Mapping[str, Any] | None = None
+  teacher: Mapping[str, Any] | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+
+  @property
+  def tokenize_only(self) -> bool:
+    return self.decoder is None and self.teacher is None
 
   def setup(self):
     sizes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -86,6 +94,11 @@ class VqKd(nn.Module):
     self.codebook = self.param(
         "codebook", layers.partitioned(_unit_rows, (None, None)),
         (self.num_codes, self.code_dim), jnp.float32)
+    if self.tokenize_only:
+      return
+    if self.decoder is None or self.teacher is None:
+      raise ValueError("VqKd takes a decoder and a teacher together (the decoder reconstructs "
+                       "the teacher's features) or neither (tokenize only).")
     self.dec = tower(dict(self.decoder, posemb="learn"), "decoder", patch_size=(1, 1))
     self.teach = tower(self.teacher, "teacher")
     self.decode_task = TaskLayer(teacher_width(self.teacher), **sizes)
@@ -116,7 +129,10 @@ class VqKd(nn.Module):
     return jax.lax.stop_gradient(tokens.astype(jnp.float32))
 
   def __call__(self, images: Array, train: bool = False) -> dict[str, Array]:
-    """Every part once (what init uses): the reconstruction and the teacher's features."""
+    """Every part once (what init uses): the reconstruction and the teacher's features, or
+    the codes alone when the module tokenizes only."""
+    if self.tokenize_only:
+      return {"codes": self.tokenize(images)}
     z = self.encode(images, train)
     z_q, _, _ = quantizer.quantize(z.reshape(-1, self.code_dim), self.codebook)
     return {"reconstruction": self.decode(z_q.reshape(z.shape), train),

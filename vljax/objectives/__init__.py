@@ -22,11 +22,13 @@ def make_objective(config: ml_collections.ConfigDict, tokenizer):
   from vljax.objectives import fusion_tasks  # pylint: disable=g-import-not-at-top
   from vljax.objectives import vlmo  # pylint: disable=g-import-not-at-top
   from vljax.objectives import vqkd  # pylint: disable=g-import-not-at-top
+  from vljax.objectives import beit3  # pylint: disable=g-import-not-at-top
   registry = {"two_towers": two_towers.TwoTowersObjective, "coca": coca.CocaObjective,
               "pali": pali.PaliObjective, "albef": albef.AlbefObjective,
               "blip": blip.BlipObjective, "blip_vqa": blip_vqa.BlipVqaObjective,
               "fusion_classifier": fusion_tasks.FusionClassifierObjective,
-              "vlmo": vlmo.VlmoObjective, "vqkd": vqkd.VqKdObjective}
+              "vlmo": vlmo.VlmoObjective, "vqkd": vqkd.VqKdObjective,
+              "beit3": beit3.Beit3Objective}
   if config.objective not in registry:
     raise ConfigError(f"config.objective={config.objective!r}; known objectives: "
                       f"{sorted(registry)}.")

@@ -50,17 +50,24 @@ from vljax.objectives import base
 from vljax.objectives import contrastive
 
 
-def model_kwargs(config: ml_collections.ConfigDict, tokenizer) -> dict[str, Any]:
-  """config.model as Vlmo keyword arguments, with the tokenizer's ids and the data's sizes."""
+def transformer_kwargs(config: ml_collections.ConfigDict, tokenizer) -> dict[str, Any]:
+  """config.model.transformer as multiway.Multiway keyword arguments, with the tokenizer's ids,
+  the data's sizes and the remat option (VLMo and BEiT-3 share the stack)."""
   transformer = dict(config.model.transformer.to_dict(), vocab_size=tokenizer.vocab_size,
                      pad_id=tokenizer.pad_id, max_len=config.data.max_len,
                      image_size=config.data.image_size)
   layer_options = stacks.check_layers_config(config.get("layers"))
   if layer_options["scan"]:
-    raise ConfigError("config.layers.scan=True: the Multiway stack (VLMo) is not scanned yet "
-                      "(its top blocks differ from the bottom ones); use false.")
+    raise ConfigError("config.layers.scan=True: the Multiway stack (VLMo, BEiT-3) is not "
+                      "scanned yet (its top blocks differ from the bottom ones); use false.")
   transformer["remat"] = layer_options["remat"]
-  return dict(transformer=transformer, embed_dim=config.model.embed_dim,
+  return transformer
+
+
+def model_kwargs(config: ml_collections.ConfigDict, tokenizer) -> dict[str, Any]:
+  """config.model as Vlmo keyword arguments, with the tokenizer's ids and the data's sizes."""
+  return dict(transformer=transformer_kwargs(config, tokenizer),
+              embed_dim=config.model.embed_dim,
               temperature_init=config.model.temperature_init,
               dtype=contrastive.DTYPES[config.dtype])
 
@@ -98,25 +105,17 @@ class VlmoObjective(base.Objective):
 
   def mlm_inputs(self, key: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(masked tokens, labels) [B, L] (80/10/10 of config.loss.mlm_prob of the real tokens)."""
-    return fusion_losses.mask_tokens(
-        key, tokens, mask_id=self.vocab_size, vocab_size=self.vocab_size,
-        random_low=max(self.special_ids) + 1, special_ids=self.special_ids,
-        mask_prob=self.loss_cfg.mlm_prob)
+    return mask_text(key, tokens, self.vocab_size, self.special_ids, self.loss_cfg.mlm_prob)
 
   def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
     return {"image": self.image_stage_loss, "text": self.text_stage_loss,
             "image_text": self.image_text_loss}[self.stage](params, batch, rng)
 
-  def patch_masks(self, key: jax.Array, batch_size: int) -> jax.Array:
-    """[B, n] bool block-wise masks, one key per example of the global batch."""
-    return jax.vmap(lambda k: masked_modeling.blockwise_patch_mask(k, self.grid,
-                                                                   self.num_masked))(
-        jax.random.split(key, batch_size))
-
   def image_stage_loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
     k_mask, k_drop = jax.random.split(rng)
     images = batch["image"]
-    mask = self.patch_masks(k_mask, images.shape[0])
+    mask = masked_modeling.blockwise_patch_masks(k_mask, images.shape[0], self.grid,
+                                                 self.num_masked)
     predictions = self._apply(params, vlmo.Vlmo.mim_predictions, images, mask, rng=k_drop,
                               train=True)
     targets = masked_modeling.patch_pixel_targets(images, self.patch)
@@ -128,7 +127,7 @@ class VlmoObjective(base.Objective):
     masked, labels = self.mlm_inputs(k_mask, batch["text"])
     logits = self._apply(params, vlmo.Vlmo.text_mlm_logits, masked, rng=k_drop, train=True)
     mlm = fusion_losses.mlm_loss(logits, labels)
-    return mlm, {"mlm_loss": mlm, "mlm_accuracy": _masked_accuracy(logits, labels)}
+    return mlm, {"mlm_loss": mlm, "mlm_accuracy": masked_accuracy(logits, labels)}
 
   def image_text_loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
     k_neg, k_mask, k_drop = jax.random.split(rng, 3)
@@ -156,7 +155,7 @@ class VlmoObjective(base.Objective):
     metrics = {"itc_loss": itc, "itm_loss": itm, "mlm_loss": mlm, "scale": scale,
                "itm_accuracy": jnp.mean((jnp.argmax(itm_logits, -1) == labels)
                                         .astype(jnp.float32)),
-               "mlm_accuracy": _masked_accuracy(mlm_logits, mlm_labels)}
+               "mlm_accuracy": masked_accuracy(mlm_logits, mlm_labels)}
     return loss, metrics
 
   def embed_images(self, params: Any, images: jax.Array) -> jax.Array:
@@ -178,7 +177,17 @@ class VlmoObjective(base.Objective):
     return {"scale": self._apply(params, vlmo.Vlmo.scale)}
 
 
-def _masked_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def mask_text(key: jax.Array, tokens: jax.Array, vocab_size: int, special_ids: tuple[int, ...],
+              prob: float) -> tuple[jax.Array, jax.Array]:
+  """(masked tokens, labels) [B, L]: losses.fusion.mask_tokens with the Multiway's [MASK] id
+  (= vocab_size, the extra row of its token table), `prob` of the tokens that are not special
+  ids chosen, 80/10/10, random ids drawn above the special ones."""
+  return fusion_losses.mask_tokens(
+      key, tokens, mask_id=vocab_size, vocab_size=vocab_size,
+      random_low=max(special_ids) + 1, special_ids=special_ids, mask_prob=prob)
+
+
+def masked_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Argmax accuracy over the chosen (label >= 0) positions, float32."""
   chosen = labels >= 0
   hits = jnp.sum((jnp.argmax(logits, -1) == labels) & chosen)
