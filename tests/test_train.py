@@ -95,8 +95,10 @@ def test_nan_loss_stops_or_skips(tokenizer, monkeypatch, tmp_path):
 
 
 # The contrastive families' end-to-end run (PaLI's is in test_pali.py, ALBEF's in
-# test_albef.py; BLIP's parameter tree has no contrastive 't').
-@pytest.mark.parametrize("name", [n for n in CONFIGS if n not in ("pali", "albef", "blip")])
+# test_albef.py; BLIP's parameter tree has no contrastive 't'; BEiT-3 has no contrastive head:
+# its training and held-out evaluation are in test_beit3.py).
+@pytest.mark.parametrize("name", [n for n in CONFIGS
+                                  if n not in ("pali", "albef", "blip", "beit3")])
 def test_config_runs_end_to_end(name, tmp_path):
   workdir = str(tmp_path)
   config = tiny_config(name, "eval.every_steps=0", "eval.max_examples.zeroshot=64",
@@ -393,10 +395,11 @@ def test_training_batches_cross_to_the_device_as_uint8():
   assert np.isfinite(float(m["train/loss"]))
 
 
-# ALBEF and BLIP keep non-gradient state (momentum model, queues) and VLMo's hard negatives
-# couple the batch without an embed / loss_from_embeddings split: accumulation refuses them
-# (test_vlmo.py, test_albef.py).
-@pytest.mark.parametrize("name", [n for n in CONFIGS if n not in ("albef", "blip", "vlmo")])
+# ALBEF and BLIP keep non-gradient state (momentum model, queues); VLMo's hard negatives
+# couple the batch, and neither VLMo nor BEiT-3 splits its loss into embed /
+# loss_from_embeddings: accumulation refuses them (test_vlmo.py, test_albef.py, below).
+@pytest.mark.parametrize("name", [n for n in CONFIGS
+                                  if n not in ("albef", "blip", "vlmo", "beit3")])
 def test_gradient_accumulation_equals_the_whole_batch(name, tokenizer):
   # Several steps with 4 micro-batches of 4 give the parameters of the whole batch of 16 (to
   # fp32 rounding): the contrastive losses still see every negative of the batch.
@@ -410,10 +413,13 @@ def test_gradient_accumulation_equals_the_whole_batch(name, tokenizer):
   assert assert_trees_close(state_4.params, state_1.params, rtol=2e-4, atol=2e-6) > 10
 
 
-def test_gradient_accumulation_is_validated_before_compiling():
+def test_gradient_accumulation_is_validated_before_compiling(tokenizer):
   config = tiny_config("siglip", "grad_accum_steps=3")
   with pytest.raises(configlib.ConfigError, match="grad_accum_steps=3 micro-batches"):
     train.validate(config, 8, 1)
+  with pytest.raises(configlib.ConfigError, match="grad_accum_steps"):
+    train.build(tiny_config("beit3", "grad_accum_steps=4"), tokenizer,
+                sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]), epoch_size=None)
   with pytest.raises(configlib.ConfigError, match="grad_accum_steps=0"):
     train.validate(tiny_config("siglip", "grad_accum_steps=0"), 8, 1)
 
