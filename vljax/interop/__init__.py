@@ -1,6 +1,6 @@
 """Interop: checkpoints from other libraries in and out of vljax, with logit parity.
 
-Import (command line: `python -m vljax.interop import --format=hf|big_vision SRC --out DIR`):
+Import (command line: `python -m vljax.interop import --format=hf|big_vision|open_clip SRC --out DIR`):
   import_checkpoint(fmt, src, out, tokenizer=None) writes a vljax export directory (params/,
   config.json, tokenizer.model) that config.init, vljax.predict and vljax.evaluate load like
   the export of a training run.
@@ -59,8 +59,8 @@ def import_checkpoint(fmt: str, src: str, out: str, tokenizer: str | None = None
   file without an open_clip_config.json beside it. Returns the export directory.
   """
   from vljax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vljax.data import clip_bpe  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
-  from vljax.data import clip_bpe
   from vljax.interop import big_vision, hf, hf_clip, open_clip, open_clip_siglip, siglip
   names, text, config = None, None, None
   if fmt == "hf" and hf.read_model_config(src)["model_type"] == "clip":
@@ -121,8 +121,8 @@ def export_checkpoint(fmt: str, workdir: str, out: str) -> str:
 
   hf: a Hugging Face SiglipModel directory `out` (config.json, model.safetensors and the
   tokenizer as spiece.model), or a CLIPModel directory for a CLIP-shaped model (class-token
-  pooling; no tokenizer: HF's CLIP tokenizer is BPE); big_vision: a .npz file `out` with big_vision's 'params/...'
-  names; open_clip: an open_clip hub directory `out` (open_clip_config.json,
+  pooling; a CLIP BPE tokenizer as merges.txt and vocab.json); big_vision: a .npz file `out`
+  with big_vision's 'params/...' names; open_clip: an open_clip hub directory `out` (open_clip_config.json,
   open_clip_model.safetensors, and the tokenizer as tokenizer.model). hf and big_vision take
   SigLIP-shaped models (vljax.interop.siglip.spec_from_config says which option does not fit
   otherwise), open_clip CLIP-shaped ones (vljax.interop.open_clip.model_config). Returns what
