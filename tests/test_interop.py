@@ -185,16 +185,24 @@ def test_hf_clip_import_matches_the_reference_model(tmp_path):
     ("text_config", "hidden_act", "relu", r"text_config.hidden_act='relu'"),
 ])
 def test_hf_clip_unsupported_configs_are_refused(tmp_path, section, key, value, message):
-  directory = tmp_path / "clip"
-  shutil.copytree(HF_CLIP_DIR, directory)
-  with open(directory / "config.json") as f:
-    config = json.load(f)
-  config[section][key] = value
-  with open(directory / "config.json", "w") as f:
-    json.dump(config, f)
+  directory = _copy_with_config_value(HF_CLIP_DIR, "config.json", [section, key], value,
+                                      tmp_path)
   with pytest.raises(interop.InteropError, match=message):
-    interop.import_checkpoint("hf", str(directory), str(tmp_path / "out"))
+    interop.import_checkpoint("hf", directory, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")
+
+
+def _copy_with_config_value(source_dir, config_name, keys, value, tmp_path) -> str:
+  """A copy of the fixture directory whose JSON config file has config[keys[0]][...] = value."""
+  directory = tmp_path / "edited"
+  shutil.copytree(source_dir, directory)
+  config = json.loads((directory / config_name).read_text())
+  inner = config
+  for key in keys[:-1]:
+    inner = inner[key]
+  inner[keys[-1]] = value
+  (directory / config_name).write_text(json.dumps(config))
+  return str(directory)
 
 
 def test_open_clip_siglip_import_matches_the_reference_model(tmp_path):
@@ -226,15 +234,10 @@ def test_open_clip_siglip_import_matches_the_reference_model(tmp_path):
 ])
 def test_open_clip_siglip_unsupported_configs_are_refused(tmp_path, section, key, value,
                                                           message):
-  directory = tmp_path / "siglip"
-  shutil.copytree(OPEN_CLIP_SIGLIP_DIR, directory)
-  with open(directory / "open_clip_config.json") as f:
-    config = json.load(f)
-  config["model_cfg"][section][key] = value
-  with open(directory / "open_clip_config.json", "w") as f:
-    json.dump(config, f)
+  directory = _copy_with_config_value(OPEN_CLIP_SIGLIP_DIR, "open_clip_config.json",
+                                      ["model_cfg", section, key], value, tmp_path)
   with pytest.raises(interop.InteropError, match=message):
-    interop.import_checkpoint("open_clip", str(directory), str(tmp_path / "out"))
+    interop.import_checkpoint("open_clip", directory, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")
 
 

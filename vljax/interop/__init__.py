@@ -63,12 +63,13 @@ def import_checkpoint(fmt: str, src: str, out: str, tokenizer: str | None = None
   # pylint: disable-next=g-import-not-at-top
   from vljax.interop import big_vision, hf, hf_clip, open_clip, open_clip_siglip, siglip
   names, text, config = None, None, None
-  if fmt == "hf" and hf.read_model_config(src)["model_type"] == "clip":
-    config, arrays, source, names = hf_clip.read(src, hf.read_model_config(src))
+  hf_config = hf.read_model_config(src) if fmt == "hf" else None
+  if hf_config is not None and hf_config["model_type"] == "clip":
+    config, arrays, source, names = hf_clip.read(src, hf_config)
     spec = None
     tokenizer = tokenizer or clip_bpe.find_vocabulary(src)
   elif fmt == "hf":
-    spec, arrays, source, names = hf.read(src)
+    spec, arrays, source, names = hf.read(src, hf_config)
     default = os.path.join(src, hf.TOKENIZER)
     tokenizer = tokenizer or (default if os.path.isfile(default) else None)
     text = siglip.HF_TEXT

@@ -119,25 +119,30 @@ def read_weights(directory: str) -> TensorFile:
   return read_safetensors(weights)
 
 
-def _tower_config(config: dict, key: str, defaults: dict, path: str) -> dict[str, Any]:
+def tower_config(config: dict, key: str, defaults: dict, path: str,
+                 activations: tuple[str, ...], eps: float, what: str) -> dict[str, Any]:
+  """config[key] over transformers' `defaults`, checked to be a tower `what` can express: its
+  hidden_act one of `activations`, its LayerNorm epsilon `eps` (SigLIP's, CLIP's)."""
   tower = dict(defaults, **config.get(key, {}))
-  if tower["hidden_act"] not in _TANH_GELU:
-    raise InteropError(f"{path}: {key}.hidden_act={tower['hidden_act']!r}; vljax's blocks use "
-                       f"the tanh-approximated GELU ({' or '.join(_TANH_GELU)}).")
-  if tower["layer_norm_eps"] != _LN_EPS:
-    raise InteropError(f"{path}: {key}.layer_norm_eps={tower['layer_norm_eps']}; vljax's "
-                       f"LayerNorms use {_LN_EPS}.")
+  if tower["hidden_act"] not in activations:
+    raise InteropError(f"{path}: {key}.hidden_act={tower['hidden_act']!r}; {what} uses "
+                       f"{' or '.join(activations)}.")
+  if tower["layer_norm_eps"] != eps:
+    raise InteropError(f"{path}: {key}.layer_norm_eps={tower['layer_norm_eps']}; {what} uses "
+                       f"{eps}.")
   return tower
 
 
-def spec_from_config(directory: str) -> tuple[siglip.SiglipSpec, int]:
-  """The architecture of the SiglipModel in `directory` and its number of image channels."""
-  config = read_model_config(directory)
+def spec_from_config(directory: str, config: dict[str, Any]
+                     ) -> tuple[siglip.SiglipSpec, int]:
+  """The architecture of the SiglipModel in `directory`, whose config.json is `config`
+  (read_model_config), and its number of image channels."""
   path = os.path.join(directory, CONFIG)
   if config["model_type"] != "siglip":
     raise InteropError(f"{path}: model_type {config['model_type']!r} is not a SiglipModel.")
-  v = _tower_config(config, "vision_config", _VISION_DEFAULTS, path)
-  t = _tower_config(config, "text_config", _TEXT_DEFAULTS, path)
+  what = "vljax's SigLIP (the tanh-approximated GELU)"
+  v = tower_config(config, "vision_config", _VISION_DEFAULTS, path, _TANH_GELU, _LN_EPS, what)
+  t = tower_config(config, "text_config", _TEXT_DEFAULTS, path, _TANH_GELU, _LN_EPS, what)
   if not v["vision_use_head"]:
     raise InteropError(f"{path}: vision_config.vision_use_head is false; a SiglipModel without "
                        f"the MAP head is not supported.")
@@ -158,10 +163,11 @@ def spec_from_config(directory: str) -> tuple[siglip.SiglipSpec, int]:
   return spec, v["num_channels"]
 
 
-def read(directory: str) -> tuple[siglip.SiglipSpec, dict[str, np.ndarray], TensorFile,
-                                  dict[str, str]]:
-  """(spec, big_vision-layout arrays, the weights file, big_vision name -> file tensor name)."""
-  spec, channels = spec_from_config(directory)
+def read(directory: str, config: dict[str, Any]
+         ) -> tuple[siglip.SiglipSpec, dict[str, np.ndarray], TensorFile, dict[str, str]]:
+  """(spec, big_vision-layout arrays, the weights file, big_vision name -> file tensor name) of
+  the SiglipModel in `directory`, whose config.json is `config` (read_model_config)."""
+  spec, channels = spec_from_config(directory, config)
   source = read_weights(directory)
   packed = torch_layout.unpack_in_proj(source, _MAP_ATTENTION, spec.image.width)
   bv, names = torch_layout.to_big_vision(source, entries(spec, channels), packed)

@@ -41,13 +41,8 @@ _LEGACY_EOS = 2  # HF pools at the largest id for configs with this eos_token_id
 
 
 def _tower(config: dict, key: str, defaults: dict, path: str) -> dict[str, Any]:
-  tower = dict(defaults, **config.get(key, {}))
-  if tower["hidden_act"] not in _ACTIVATIONS:
-    raise InteropError(f"{path}: {key}.hidden_act={tower['hidden_act']!r}; a CLIP ViT uses "
-                       f"{' or '.join(_ACTIVATIONS)}.")
-  if tower["layer_norm_eps"] != open_clip.LN_EPS:
-    raise InteropError(f"{path}: {key}.layer_norm_eps={tower['layer_norm_eps']}; a CLIP ViT "
-                       f"uses {open_clip.LN_EPS}.")
+  tower = hf.tower_config(config, key, defaults, path, _ACTIVATIONS, open_clip.LN_EPS,
+                          "a CLIP ViT")
   if tower["hidden_size"] % tower["num_attention_heads"]:
     raise InteropError(f"{path}: {key}.hidden_size={tower['hidden_size']} does not divide "
                        f"into num_attention_heads={tower['num_attention_heads']}.")

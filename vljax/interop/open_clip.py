@@ -185,9 +185,11 @@ def read(src: str, config_path: str | None = None
   from vljax.interop import open_clip_siglip  # pylint: disable=g-import-not-at-top
   if open_clip_siglip.is_siglip(model_cfg):
     config, arrays, names = open_clip_siglip.read(model_cfg, source, config_path)
-    if preprocess.get("mean", [0.5] * 3) != [0.5] * 3 or preprocess.get("std",
-                                                                         [0.5] * 3) != [0.5] * 3:
-      config.data.mean, config.data.std = list(preprocess["mean"]), list(preprocess["std"])
+    # SigLIP's 0.5 / 0.5 is the [-1, 1] range siglip.run_config already sets (empty mean/std).
+    half = [0.5] * 3
+    mean, std = list(preprocess.get("mean", half)), list(preprocess.get("std", half))
+    if (mean, std) != (half, half):
+      config.data.mean, config.data.std = mean, std
     return config, arrays, source, names
   has_bias = "logit_bias" in source
   config = run_config(model_cfg, preprocess, has_bias, config_path)
