@@ -610,9 +610,9 @@ def test_unsupported_hf_options_are_refused(tmp_path):
   config["vision_config"]["hidden_act"] = "gelu"
   (directory / hf.CONFIG).write_text(json.dumps(config))
   assert "hidden_act='gelu'" in _import_error("hf", str(directory), tmp_path)
-  config["model_type"] = "siglip2"
+  config["model_type"] = "siglip3"
   (directory / hf.CONFIG).write_text(json.dumps(config))
-  assert "'siglip2' is not supported" in _import_error("hf", str(directory), tmp_path)
+  assert "'siglip3' is not supported" in _import_error("hf", str(directory), tmp_path)
 
 
 # The model options the conversion needs leave today's models as they were.

@@ -44,6 +44,19 @@ What it writes under --out:
   open_clip_siglip_reference.npz  its outputs: images, tokens, zimg, ztxt, logits, t, scale, bias;
                                 captions and caption_tokens: open_clip's SigLIP tokenization
                                 (its canonicalize clean-up, then SiglipTokenizer) of them
+  hf_siglip2/config.json,       a small random Hugging Face `Siglip2Model` (NaFlex: patches in,
+  hf_siglip2/model.safetensors  a 4x4 position table resized to each image's grid) over the
+                                hf_siglip vocabulary; `--only hf_siglip2` writes just this one
+                                and its reference
+  big_vision_siglip2.npz        the same weights as big_vision's NaFlex ViT names them: a Dense
+                                patch kernel [p*p*3, D] and a position grid [4, 4, D]
+  hf_siglip2_reference.npz      its outputs: a NaFlex batch (patches, spatial_shapes, mask) of
+                                grids smaller, larger and of other aspect ratios than the table's,
+                                and its zimg; square images (fixed_images, 32 and 48 px) and
+                                their fixed_zimg[_48] through the same model; tokens, ztxt,
+                                logits (NaFlex batch x tokens), t, scale, bias; image_sizes
+                                (height, width, patch, max patches) and the target sizes
+                                transformers' NaFlex processor resizes them to
   clip_bpe_merges.txt.gz        a CLIP BPE vocabulary (OpenAI's layout: a header line, then 300
                                 merges learned here from a small corpus)
   clip_bpe_reference.npz        open_clip's SimpleTokenizer on tricky captions with it: captions,
@@ -159,13 +172,21 @@ def _encoder(sd: dict, src: str, depth: int, heads: int, out: dict, dst: str) ->
 
 
 def to_big_vision(model: transformers.SiglipModel) -> dict[str, np.ndarray]:
-  """The model's weights under big_vision's SigLIP names and layouts."""
+  """The model's weights under big_vision's SigLIP names and layouts (a Siglip2Model's in those
+  of big_vision's NaFlex ViT)."""
   sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
   out: dict[str, np.ndarray] = {}
   v = "vision_model"
-  out["img/embedding/kernel"] = sd[f"{v}.embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0)
+  patch = sd[f"{v}.embeddings.patch_embedding.weight"]
+  table = sd[f"{v}.embeddings.position_embedding.weight"]
+  if patch.ndim == 2:  # a Siglip2Model: naflex_vit.py's Dense kernel and position grid
+    grid = int(round(table.shape[0] ** 0.5))
+    out["img/embedding/kernel"] = patch.T
+    out["img/pos_embedding"] = table.reshape(grid, grid, -1)
+  else:
+    out["img/embedding/kernel"] = patch.transpose(2, 3, 1, 0)
+    out["img/pos_embedding"] = table[None]
   out["img/embedding/bias"] = sd[f"{v}.embeddings.patch_embedding.bias"]
-  out["img/pos_embedding"] = sd[f"{v}.embeddings.position_embedding.weight"][None]
   _encoder(sd, f"{v}.encoder", VISION["num_hidden_layers"], VISION["num_attention_heads"], out,
            "img/Transformer")
   _norm(sd, f"{v}.post_layernorm", out, "img/Transformer/encoder_norm")
@@ -464,6 +485,76 @@ def open_clip_siglip_files(out: str, vocab_size: int) -> None:
                  captions=np.array(captions), caption_tokens=np.array(ids, np.int32)))
 
 
+def hf_siglip2_files(out: str, vocab_size: int) -> None:
+  """A small random Hugging Face Siglip2Model (NaFlex) and its outputs."""
+  torch.manual_seed(SEED + 12)
+  grid = IMAGE_SIZE // PATCH
+  config = transformers.Siglip2Config(
+      vision_config=dict(VISION, patch_size=PATCH, num_patches=grid * grid),
+      text_config=dict(TEXT, vocab_size=vocab_size, max_position_embeddings=MAX_LEN,
+                       projection_size=VISION["hidden_size"], pad_token_id=1, eos_token_id=1,
+                       bos_token_id=None))
+  model = transformers.Siglip2Model(config).eval()
+  model.config._attn_implementation = "eager"  # pylint: disable=protected-access
+  _perturb(model, SEED + 13)
+  with torch.no_grad():
+    model.logit_scale.fill_(float(np.log(10.0)) - 0.2)
+    model.logit_bias.fill_(-4.0)
+  model.save_pretrained(os.path.join(out, "hf_siglip2"))
+  _save_npz(os.path.join(out, "big_vision_siglip2.npz"), to_big_vision(model))
+  rng = np.random.default_rng(SEED + 14)
+  # Grids: the table's own, smaller, larger, and of other aspect ratios; 24 patches at most.
+  shapes = np.array([[4, 4], [2, 6], [3, 5], [6, 4], [1, 1]], np.int32)
+  max_patches = 24
+  patches = np.zeros((len(shapes), max_patches, PATCH * PATCH * 3), np.float32)
+  mask = np.zeros((len(shapes), max_patches), np.int32)
+  for i, (rows, cols) in enumerate(shapes):
+    patches[i, :rows * cols] = rng.uniform(-1, 1, (rows * cols, PATCH * PATCH * 3))
+    mask[i, :rows * cols] = 1
+  tokens = np.ones((3, MAX_LEN), np.int32)  # SigLIP pads with EOS (id 1)
+  for row, n in enumerate((4, 9, MAX_LEN)):
+    tokens[row, :n] = rng.integers(3, vocab_size, n)
+
+  def naflex_zimg(pixel_patches, spatial_shapes, pixel_mask):
+    return model.get_image_features(
+        pixel_values=torch.from_numpy(pixel_patches),
+        pixel_attention_mask=torch.from_numpy(pixel_mask),
+        spatial_shapes=torch.from_numpy(spatial_shapes.astype(np.int64))).pooler_output
+
+  def square_zimg(images):
+    n, size = len(images), images.shape[1] // PATCH
+    # Hugging Face's patch order: rows of patches, each patch's pixels (row, column, channel).
+    flat = images.reshape(n, size, PATCH, size, PATCH, 3).transpose(0, 1, 3, 2, 4, 5)
+    flat = np.ascontiguousarray(flat.reshape(n, size * size, -1))
+    z = naflex_zimg(flat, np.array([[size, size]] * n, np.int32),
+                    np.ones((n, size * size), np.int32))
+    return torch.nn.functional.normalize(z, dim=-1).numpy()
+
+  images = rng.uniform(-1, 1, (2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+  images_48 = rng.uniform(-1, 1, (2, 48, 48, 3)).astype(np.float32)
+  with torch.no_grad():
+    out_all = model(input_ids=torch.from_numpy(tokens.astype(np.int64)),
+                    pixel_values=torch.from_numpy(patches),
+                    pixel_attention_mask=torch.from_numpy(mask),
+                    spatial_shapes=torch.from_numpy(shapes.astype(np.int64)))
+    fixed, fixed_48 = square_zimg(images), square_zimg(images_48)
+  t = model.logit_scale.detach().numpy().reshape(()).astype(np.float32)
+  from transformers.models.siglip2 import image_processing_siglip2  # pylint: disable=g-import-not-at-top
+  image_sizes = np.array([[480, 640, 16, 256], [640, 480, 16, 256], [100, 1000, 16, 256],
+                          [224, 224, 16, 196], [37, 53, 8, 24], [5, 3000, 14, 1024],
+                          [512, 512, 16, 1024], [1, 1, 16, 64]], np.int32)
+  target_sizes = np.array([image_processing_siglip2.get_image_size_for_max_num_patches(
+      int(h), int(w), int(p), int(n)) for h, w, p, n in image_sizes], np.int32)
+  _save_npz(os.path.join(out, "hf_siglip2_reference.npz"),
+            dict(patches=patches, spatial_shapes=shapes, mask=mask.astype(bool),
+                 zimg=out_all.image_embeds.numpy(), tokens=tokens,
+                 ztxt=out_all.text_embeds.numpy(), logits=out_all.logits_per_image.numpy(),
+                 fixed_images=images, fixed_zimg=fixed, fixed_images_48=images_48,
+                 fixed_zimg_48=fixed_48, image_sizes=image_sizes, target_sizes=target_sizes,
+                 t=t, scale=np.exp(t).astype(np.float32),
+                 bias=model.logit_bias.detach().numpy().reshape(()).astype(np.float32)))
+
+
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
   """np.savez with fixed zip timestamps, so a rerun writes the same bytes."""
   import zipfile  # pylint: disable=g-import-not-at-top
@@ -479,13 +570,16 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), os.pardir,
                                                     "tests", "fixtures", "interop"))
-  parser.add_argument("--only", choices=["hf_clip", "clip_bpe", "open_clip_siglip"],
+  parser.add_argument("--only", choices=["hf_clip", "clip_bpe", "open_clip_siglip",
+                                         "hf_siglip2"],
                       help="write only this fixture (the others stay as they are)")
   args = parser.parse_args()
   out = os.path.abspath(args.out)
-  if args.only == "open_clip_siglip":
-    return open_clip_siglip_files(out, spm.SentencePieceProcessor(
-        model_file=os.path.join(out, "hf_siglip", "spiece.model")).get_piece_size())
+  if args.only in ("open_clip_siglip", "hf_siglip2"):
+    vocab_size = spm.SentencePieceProcessor(
+        model_file=os.path.join(out, "hf_siglip", "spiece.model")).get_piece_size()
+    return {"open_clip_siglip": open_clip_siglip_files,
+            "hf_siglip2": hf_siglip2_files}[args.only](out, vocab_size)
   if args.only:
     return {"hf_clip": hf_clip_files, "clip_bpe": clip_bpe_files}[args.only](out)
   hf_dir = os.path.join(out, "hf_siglip")
@@ -500,6 +594,7 @@ def main() -> None:
   clip_bpe_files(out)
   hf_clip_files(out)
   open_clip_siglip_files(out, vocab_size)
+  hf_siglip2_files(out, vocab_size)
   _save_npz(os.path.join(out, "reference.npz"),
             {**reference_outputs(model, vocab_size), **tokenizer_reference(spiece)})
   with open(os.path.join(out, "versions.json"), "w") as f:

@@ -52,7 +52,7 @@ def import_checkpoint(fmt: str, src: str, out: str, tokenizer: str | None = None
   """Converts the checkpoint `src` of format `fmt` into a vljax export directory `out`.
 
   tokenizer: the checkpoint's tokenizer: a sentencepiece model for SigLIP (for --format=hf,
-  SRC/spiece.model when not given), CLIP's BPE vocabulary for CLIP models (open_clip's
+  SRC/spiece.model when not given; for a Siglip2Model SRC/tokenizer.model, Gemma's), CLIP's BPE vocabulary for CLIP models (open_clip's
   bpe_simple_vocab_16e6.txt.gz; a Hugging Face CLIPModel's SRC/merges.txt when not given).
   Without one the export still loads through `load` and config.init, but vljax.predict and
   vljax.evaluate need it. model_config: open_clip's model config JSON when SRC is a weights
@@ -70,9 +70,10 @@ def import_checkpoint(fmt: str, src: str, out: str, tokenizer: str | None = None
     tokenizer = tokenizer or clip_bpe.find_vocabulary(src)
   elif fmt == "hf":
     spec, arrays, source, names = hf.read(src, hf_config)
-    default = os.path.join(src, hf.TOKENIZER)
+    siglip2 = spec.naflex_grid is not None
+    default = os.path.join(src, hf.SIGLIP2_TOKENIZER if siglip2 else hf.TOKENIZER)
     tokenizer = tokenizer or (default if os.path.isfile(default) else None)
-    text = siglip.HF_TEXT
+    text = siglip.HF_SIGLIP2_TEXT if siglip2 else siglip.HF_TEXT
   elif fmt == "big_vision":
     spec, arrays, source = big_vision.read(src)
   elif fmt == "open_clip":
@@ -121,9 +122,11 @@ def export_checkpoint(fmt: str, workdir: str, out: str) -> str:
   """Writes the two-tower export of `workdir` (a workdir or an export directory) as `fmt`.
 
   hf: a Hugging Face SiglipModel directory `out` (config.json, model.safetensors and the
-  tokenizer as spiece.model), or a CLIPModel directory for a CLIP-shaped model (class-token
-  pooling; a CLIP BPE tokenizer as merges.txt and vocab.json); big_vision: a .npz file `out`
-  with big_vision's 'params/...' names; open_clip: an open_clip hub directory `out` (open_clip_config.json,
+  tokenizer as spiece.model), a Siglip2Model for a NaFlex model (config.model.image.posemb_grid;
+  the tokenizer as tokenizer.model), or a CLIPModel directory for a CLIP-shaped model
+  (class-token pooling; a CLIP BPE tokenizer as merges.txt and vocab.json); big_vision: a .npz
+  file `out` with big_vision's 'params/...' names (a NaFlex model in its naflex_vit.py layout);
+  open_clip: an open_clip hub directory `out` (open_clip_config.json,
   open_clip_model.safetensors, and the tokenizer as tokenizer.model). hf and big_vision take
   SigLIP-shaped models (vljax.interop.siglip.spec_from_config says which option does not fit
   otherwise), open_clip CLIP-shaped ones (vljax.interop.open_clip.model_config). Returns what
@@ -162,7 +165,7 @@ def export_checkpoint(fmt: str, workdir: str, out: str) -> str:
   if hf_clip_model:
     return hf_clip.write(out, config, clip_config, arrays, bpe)
   if fmt == "big_vision":
-    return big_vision.write(out, arrays)
+    return big_vision.write(out, arrays, spec.naflex_grid)
   if not spec.has_bias:
     raise InteropError(f"{directory}: the model has no logit bias (config.model.bias_init is "
                        f"None); a Hugging Face SiglipModel always has one.")
@@ -211,7 +214,13 @@ class ImportedModel:
 
   def embed_images(self, images) -> np.ndarray:
     """L2-normalised embeddings [N, D] of float images [N, H, W, C], preprocessed as the source
-    model expects (SigLIP: [-1, 1])."""
+    model expects (SigLIP: [-1, 1]); for a NaFlex model (SigLIP 2's Siglip2Model) also of a
+    NaFlex batch of images of any sizes (vljax.models.naflex.pack)."""
+    if isinstance(images, dict):
+      return np.asarray(self._embed_images(self.params, {
+          "patches": np.asarray(images["patches"], np.float32),
+          "spatial_shapes": np.asarray(images["spatial_shapes"], np.int32),
+          "mask": np.asarray(images["mask"], bool)}))
     return np.asarray(self._embed_images(self.params, np.asarray(images, np.float32)))
 
   def embed_texts(self, token_ids) -> np.ndarray:
@@ -227,11 +236,13 @@ class ImportedModel:
     """int32 [N, config.data.max_len]: the ids as the source library's tokenizer gives them
     (SigLIP: text, EOS, then EOS as padding; from Hugging Face, after its SiglipTokenizer's
     clean-up: lowercase, no ASCII punctuation, collapsed whitespace; from open_clip's SigLIP,
-    after its 'canonicalize' clean-up)."""
+    after its 'canonicalize' clean-up). From a Siglip2Model: lowercased, as SigLIP 2 trained,
+    padded on the right; transformers' Siglip2Tokenizer pads on the left by default
+    (docs/interop.md)."""
     from vljax.interop import open_clip_siglip, siglip  # pylint: disable=g-import-not-at-top
     if self.tokenizer is None:
       raise InteropError("This export has no tokenizer.model; import it with --tokenizer.")
-    normalize = {siglip.HF_TEXT: siglip.canonicalize_text,
+    normalize = {siglip.HF_TEXT: siglip.canonicalize_text, siglip.HF_SIGLIP2_TEXT: str.lower,
                  open_clip_siglip.TEXT_NORMALIZATION: open_clip_siglip.canonicalize_text}.get(
                      self.source.get("text_normalization"), lambda t: t)
     texts = [normalize(t) for t in texts]

@@ -18,23 +18,24 @@ def _parser() -> argparse.ArgumentParser:
   commands = parser.add_subparsers(dest="command", required=True)
   imp = commands.add_parser("import", help="another library's checkpoint -> a vljax export")
   imp.add_argument("--format", required=True, choices=interop.FORMATS,
-                   help="hf: a Hugging Face SiglipModel or CLIPModel directory; big_vision: a "
-                   "SigLIP .npz; open_clip: a CLIP ViT or a SigLIP (hub directory, or weights "
+                   help="hf: a Hugging Face SiglipModel, Siglip2Model (NaFlex) or CLIPModel "
+                   "directory; big_vision: a SigLIP / SigLIP 2 .npz (NaFlex too); open_clip: a CLIP ViT or a SigLIP (hub directory, or weights "
                    "file)")
   imp.add_argument("src", help="the checkpoint (a directory for hf, a .npz for big_vision, a "
                    "directory or .safetensors/.bin/.pt for open_clip)")
   imp.add_argument("--out", required=True, help="the export directory to write")
   imp.add_argument("--tokenizer", default=None,
                    help="the checkpoint's tokenizer: SigLIP's sentencepiece .model (hf: "
-                   "SRC/spiece.model if absent), CLIP's BPE vocabulary (.txt.gz or merges.txt; "
+                   "SRC/spiece.model if absent, SRC/tokenizer.model for a Siglip2Model), CLIP's BPE vocabulary (.txt.gz or merges.txt; "
                    "hf: SRC/merges.txt if absent)")
   imp.add_argument("--config", default=None,
                    help="open_clip: the model config JSON (default: open_clip_config.json "
                    "beside the weights)")
   exp = commands.add_parser("export", help="a vljax workdir or export -> another library")
   exp.add_argument("--format", required=True, choices=interop.EXPORT_FORMATS,
-                   help="hf: a Hugging Face SiglipModel (SigLIP-shaped) or CLIPModel "
-                   "(CLIP-shaped) directory; big_vision: a SigLIP .npz; open_clip: a CLIP-shaped "
+                   help="hf: a Hugging Face SiglipModel (SigLIP-shaped; Siglip2Model for a "
+                   "NaFlex model) or CLIPModel (CLIP-shaped) directory; big_vision: a SigLIP "
+                   ".npz; open_clip: a CLIP-shaped "
                    "model's hub directory")
   exp.add_argument("workdir", help="a vljax workdir (its export/) or export directory")
   exp.add_argument("--out", required=True,

@@ -5,6 +5,12 @@ load too. The architecture is read from the tensors' shapes: widths, depths, MLP
 counts (attention kernels are [D, heads, head_dim]), patch size, image size (a square grid of
 learned position embeddings), vocabulary, text length and embedding size. Layer stacks stored
 by a scanned big_vision run ('encoderblock' with a leading depth axis) are unrolled.
+
+SigLIP 2's NaFlex checkpoints (big_vision's naflex_vit.py) embed flattened patches with a Dense
+'img/embedding/kernel' [p*p*3, width] (pixels in (row, column, channel) order) and store the
+position table as a grid 'img/pos_embedding' [n, n, width], resized to each image's grid; they
+are told apart by the kernel's rank and read as vljax's conv kernel [p, p, 3, width] and table
+[1, n*n, width] (the ViT option posemb_grid=(n, n)).
 """
 from __future__ import annotations
 
@@ -56,16 +62,36 @@ def _tower(source: TensorFile, encoder: str) -> siglip.Tower:
                       num_heads=query.shape[1])
 
 
+_NAFLEX_CHANNELS = 3  # NaFlex patches are flattened RGB pixels
+
+
+def _naflex_patch(source: TensorFile) -> int:
+  """The patch size of a NaFlex checkpoint's Dense patch embedding [p*p*3, width]."""
+  rows = source.arrays["img/embedding/kernel"].shape[0]
+  patch = math.isqrt(rows // _NAFLEX_CHANNELS)
+  if patch * patch * _NAFLEX_CHANNELS != rows:
+    raise source.error("img/embedding/kernel", f"has {rows} rows; a NaFlex patch embedding "
+                                               f"has patch * patch * 3.")
+  return patch
+
+
 def spec_from_tensors(source: TensorFile) -> siglip.SiglipSpec:
-  """The SigLIP architecture that the tensors' shapes describe."""
+  """The SigLIP (or SigLIP 2 NaFlex) architecture that the tensors' shapes describe."""
   image, text = _tower(source, _ENCODERS["img"]), _tower(source, _ENCODERS["txt"])
-  kernel = _shaped(source, "img/embedding/kernel", "[patch, patch, channels, width]")
-  posemb = _shaped(source, "img/pos_embedding", "[1, n*n, width]")
-  grid = math.isqrt(posemb.shape[1])
-  if grid * grid != posemb.shape[1] or kernel.shape[0] != kernel.shape[1]:
-    raise source.error("img/pos_embedding", f"has shape {posemb.shape} (patches "
-                                            f"{kernel.shape[:2]}): only square grids of square "
-                                            f"patches are supported.")
+  naflex_grid = None
+  if "img/embedding/kernel" in source and source.arrays["img/embedding/kernel"].ndim == 2:
+    patch = _naflex_patch(source)
+    posemb = _shaped(source, "img/pos_embedding", "[n, n, width]")
+    naflex_grid = grid = posemb.shape[0]
+    square = posemb.shape[0] == posemb.shape[1]
+  else:
+    kernel = _shaped(source, "img/embedding/kernel", "[patch, patch, channels, width]")
+    posemb = _shaped(source, "img/pos_embedding", "[1, n*n, width]")
+    patch, grid = kernel.shape[0], math.isqrt(posemb.shape[1])
+    square = grid * grid == posemb.shape[1] and kernel.shape[0] == kernel.shape[1]
+  if not square:
+    raise source.error("img/pos_embedding", f"has shape {posemb.shape}: only square grids of "
+                                            f"square patches are supported.")
   if "img/MAPHead_0/probe" not in source:
     raise source.error("img/MAPHead_0/probe", "is missing: only MAP-head (SigLIP) image towers "
                                               "are supported.")
@@ -80,9 +106,10 @@ def spec_from_tensors(source: TensorFile) -> siglip.SiglipSpec:
   else:
     embed_dim = image.width
   return siglip.SiglipSpec(
-      image=image, text=text, image_size=grid * kernel.shape[0], patch_size=kernel.shape[0],
+      image=image, text=text, image_size=grid * patch, patch_size=patch,
       vocab_size=embed.shape[0], max_len=txt_pos.shape[1], embed_dim=embed_dim,
-      image_head=image_head, text_head=text_head, has_bias="b" in source)
+      image_head=image_head, text_head=text_head, has_bias="b" in source,
+      naflex_grid=naflex_grid)
 
 
 def read(path: str) -> tuple[siglip.SiglipSpec, dict[str, np.ndarray], TensorFile]:
@@ -98,12 +125,22 @@ def read(path: str) -> tuple[siglip.SiglipSpec, dict[str, np.ndarray], TensorFil
                             f"{source.names()[:3]} ...).")
   spec = spec_from_tensors(source)
   arrays = {n: source.take(n) for n in source.names()}
+  if spec.naflex_grid is not None:
+    kernel, table = arrays["img/embedding/kernel"], arrays["img/pos_embedding"]
+    p = spec.patch_size
+    arrays["img/embedding/kernel"] = kernel.reshape(p, p, _NAFLEX_CHANNELS, kernel.shape[-1])
+    arrays["img/pos_embedding"] = table.reshape(1, -1, table.shape[-1])
   return spec, arrays, source
 
 
-
-def write(path: str, arrays: dict[str, np.ndarray]) -> str:
-  """Writes big_vision-layout arrays as a .npz with the released files' 'params/' names."""
+def write(path: str, arrays: dict[str, np.ndarray], naflex_grid: int | None = None) -> str:
+  """Writes big_vision-layout arrays as a .npz with the released files' 'params/' names
+  (naflex_grid set: a NaFlex checkpoint's Dense patch kernel and position grid)."""
+  if naflex_grid is not None:
+    kernel, table = arrays["img/embedding/kernel"], arrays["img/pos_embedding"]
+    arrays = dict(arrays, **{
+        "img/embedding/kernel": kernel.reshape(-1, kernel.shape[-1]),
+        "img/pos_embedding": table.reshape(naflex_grid, naflex_grid, table.shape[-1])})
   path = os.path.abspath(path)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "wb") as f:

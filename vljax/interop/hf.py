@@ -1,5 +1,10 @@
-"""Hugging Face `SiglipModel` directories (config.json + model.safetensors) <-> vljax
-(`CLIPModel` directories are read by vljax.interop.hf_clip, with this module's blocks).
+"""Hugging Face `SiglipModel` and `Siglip2Model` directories (config.json + model.safetensors)
+<-> vljax (`CLIPModel` directories are read by vljax.interop.hf_clip, with this module's blocks).
+
+A Siglip2Model is SigLIP 2's NaFlex variant: it embeds flattened patches with a Linear
+[D, p*p*C] (the conv kernel [p, p, C, D] of vljax's ViT, reshaped) and stores its position
+table at a square grid (vision_config.num_patches) that it resizes to each image's grid
+(vljax's ViT option posemb_grid). Everything else is a SiglipModel's, name for name.
 
 Read with safetensors' numpy reader: no torch, no pickle (a directory with only
 pytorch_model.bin is read by vljax.interop.torch_pickle, which executes nothing).
@@ -27,12 +32,17 @@ WEIGHTS = "model.safetensors"
 TORCH_WEIGHTS = "pytorch_model.bin"  # read when there is no model.safetensors, never unpickled
 CONFIG = "config.json"
 TOKENIZER = "spiece.model"
+# A Siglip2Model's sentencepiece model (Gemma's), when its directory has one.
+SIGLIP2_TOKENIZER = "tokenizer.model"
 
 # The defaults of transformers' SiglipVisionConfig / SiglipTextConfig for the keys read here.
 _VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                         num_attention_heads=12, num_channels=3, image_size=224, patch_size=16,
                         hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
                         vision_use_head=True)
+# Siglip2VisionConfig: num_patches (the stored grid, squared) instead of image_size.
+_SIGLIP2_VISION_DEFAULTS = dict(
+    {k: v for k, v in _VISION_DEFAULTS.items() if k != "image_size"}, num_patches=256)
 _TEXT_DEFAULTS = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072,
                       num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=64,
                       hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, pad_token_id=1)
@@ -62,12 +72,19 @@ _MAP_ATTENTION = "vision_model.head.attention"
 
 
 def entries(spec: siglip.SiglipSpec, channels: int = 3) -> list[Entry]:
-  """Every tensor of a SiglipModel of architecture `spec`."""
+  """Every tensor of a SiglipModel (a Siglip2Model when spec.naflex_grid is set) of
+  architecture `spec`."""
   v, t, p = spec.image, spec.text, spec.patch_size
-  grid = spec.image_size // p
+  if spec.naflex_grid is None:
+    grid = spec.image_size // p
+    patch = Entry("vision_model.embeddings.patch_embedding.weight", "img/embedding/kernel",
+                  "conv", (v.width, channels, p, p))
+  else:
+    grid = spec.naflex_grid
+    patch = Entry("vision_model.embeddings.patch_embedding.weight", "img/embedding/kernel",
+                  "patch_dense", (v.width, p * p * channels), channels)
   return [
-      Entry("vision_model.embeddings.patch_embedding.weight", "img/embedding/kernel", "conv",
-            (v.width, channels, p, p)),
+      patch,
       Entry("vision_model.embeddings.patch_embedding.bias", "img/embedding/bias", "copy",
             (v.width,)),
       Entry("vision_model.embeddings.position_embedding.weight", "img/pos_embedding", "posemb",
@@ -92,7 +109,7 @@ def entries(spec: siglip.SiglipSpec, channels: int = 3) -> list[Entry]:
   ]
 
 
-MODEL_TYPES = ("siglip", "clip")
+MODEL_TYPES = ("siglip", "siglip2", "clip")
 
 
 def read_model_config(directory: str) -> dict[str, Any]:
@@ -135,13 +152,16 @@ def tower_config(config: dict, key: str, defaults: dict, path: str,
 
 def spec_from_config(directory: str, config: dict[str, Any]
                      ) -> tuple[siglip.SiglipSpec, int]:
-  """The architecture of the SiglipModel in `directory`, whose config.json is `config`
-  (read_model_config), and its number of image channels."""
+  """The architecture of the SiglipModel or Siglip2Model in `directory`, whose config.json is
+  `config` (read_model_config), and its number of image channels."""
   path = os.path.join(directory, CONFIG)
-  if config["model_type"] != "siglip":
-    raise InteropError(f"{path}: model_type {config['model_type']!r} is not a SiglipModel.")
+  kind = config["model_type"]
+  if kind not in ("siglip", "siglip2"):
+    raise InteropError(f"{path}: model_type {kind!r} is not a SiglipModel or Siglip2Model.")
   what = "vljax's SigLIP (the tanh-approximated GELU)"
-  v = tower_config(config, "vision_config", _VISION_DEFAULTS, path, _TANH_GELU, _LN_EPS, what)
+  v = tower_config(config, "vision_config",
+                   _VISION_DEFAULTS if kind == "siglip" else _SIGLIP2_VISION_DEFAULTS, path,
+                   _TANH_GELU, _LN_EPS, what)
   t = tower_config(config, "text_config", _TEXT_DEFAULTS, path, _TANH_GELU, _LN_EPS, what)
   if not v["vision_use_head"]:
     raise InteropError(f"{path}: vision_config.vision_use_head is false; a SiglipModel without "
@@ -156,10 +176,18 @@ def spec_from_config(directory: str, config: dict[str, Any]
     return siglip.Tower(c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"],
                         c["num_attention_heads"])
 
+  naflex_grid, image_size = None, v.get("image_size")
+  if kind == "siglip2":
+    naflex_grid = int(round(v["num_patches"] ** 0.5))
+    if naflex_grid * naflex_grid != v["num_patches"]:
+      raise InteropError(f"{path}: vision_config.num_patches={v['num_patches']} is not a "
+                         f"square; a Siglip2Model stores its position table on a square grid.")
+    # The square images vljax.predict and vljax.evaluate feed it: the table's own grid.
+    image_size = naflex_grid * v["patch_size"]
   spec = siglip.SiglipSpec(
-      image=tower(v), text=tower(t), image_size=v["image_size"], patch_size=v["patch_size"],
+      image=tower(v), text=tower(t), image_size=image_size, patch_size=v["patch_size"],
       vocab_size=t["vocab_size"], max_len=t["max_position_embeddings"], embed_dim=projection,
-      source_pad_id=t["pad_token_id"])
+      source_pad_id=t["pad_token_id"], naflex_grid=naflex_grid)
   return spec, v["num_channels"]
 
 
@@ -171,7 +199,8 @@ def read(directory: str, config: dict[str, Any]
   source = read_weights(directory)
   packed = torch_layout.unpack_in_proj(source, _MAP_ATTENTION, spec.image.width)
   bv, names = torch_layout.to_big_vision(source, entries(spec, channels), packed)
-  source.check_all_used("Hugging Face SiglipModel", ignore=IGNORED_BUFFERS)
+  what = "Hugging Face " + ("Siglip2Model" if spec.naflex_grid else "SiglipModel")
+  source.check_all_used(what, ignore=IGNORED_BUFFERS)
   return spec, bv, source, names
 
 
@@ -180,12 +209,15 @@ def _config_json(spec: siglip.SiglipSpec) -> dict[str, Any]:
     return dict(hidden_size=t.width, intermediate_size=t.mlp_dim, num_hidden_layers=t.depth,
                 num_attention_heads=t.num_heads, hidden_act="gelu_pytorch_tanh",
                 layer_norm_eps=_LN_EPS, attention_dropout=0.0)
+  kind = "siglip" if spec.naflex_grid is None else "siglip2"
+  grid = (dict(image_size=spec.image_size) if spec.naflex_grid is None
+          else dict(num_patches=spec.naflex_grid ** 2))
   return {
-      "architectures": ["SiglipModel"], "model_type": "siglip", "dtype": "float32",
-      "vision_config": dict(tower(spec.image), model_type="siglip_vision_model",
-                            image_size=spec.image_size, patch_size=spec.patch_size,
-                            num_channels=3, vision_use_head=True),
-      "text_config": dict(tower(spec.text), model_type="siglip_text_model",
+      "architectures": ["SiglipModel" if kind == "siglip" else "Siglip2Model"],
+      "model_type": kind, "dtype": "float32",
+      "vision_config": dict(tower(spec.image), model_type=f"{kind}_vision_model", **grid,
+                            patch_size=spec.patch_size, num_channels=3, vision_use_head=True),
+      "text_config": dict(tower(spec.text), model_type=f"{kind}_text_model",
                           vocab_size=spec.vocab_size, max_position_embeddings=spec.max_len,
                           projection_size=spec.embed_dim, pad_token_id=spec.source_pad_id,
                           eos_token_id=spec.eos_id, bos_token_id=None),
@@ -194,7 +226,8 @@ def _config_json(spec: siglip.SiglipSpec) -> dict[str, Any]:
 
 def write(directory: str, spec: siglip.SiglipSpec, bv: dict[str, np.ndarray],
           tokenizer_proto: bytes | None = None) -> str:
-  """Writes a Hugging Face SiglipModel directory from big_vision-layout arrays."""
+  """Writes a Hugging Face SiglipModel (Siglip2Model when spec.naflex_grid is set) directory
+  from big_vision-layout arrays."""
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
   tensors = torch_layout.to_torch(bv, entries(spec))
   torch_layout.pack_in_proj(tensors, _MAP_ATTENTION)
@@ -204,6 +237,7 @@ def write(directory: str, spec: siglip.SiglipSpec, bv: dict[str, np.ndarray],
     json.dump(_config_json(spec), f, indent=2)
     f.write("\n")
   if tokenizer_proto is not None:
-    with open(os.path.join(directory, TOKENIZER), "wb") as f:
+    name = TOKENIZER if spec.naflex_grid is None else SIGLIP2_TOKENIZER
+    with open(os.path.join(directory, name), "wb") as f:
       f.write(tokenizer_proto)
   return os.path.abspath(directory)

@@ -96,6 +96,9 @@ class SiglipSpec:
   pad_id: int = 0  # the sentencepiece pad id (vljax's tokenizer pads with it)
   eos_id: int = 1
   source_pad_id: int = 1  # what the source pads with (SigLIP: EOS); vljax embeds pads as it
+  # SigLIP 2 NaFlex: the side of the square grid its position table is stored at (resized to
+  # each image's grid); None: a fixed-resolution model, its table at image_size / patch_size.
+  naflex_grid: int | None = None
 
 
 def run_config(spec: SiglipSpec) -> ml_collections.ConfigDict:
@@ -111,6 +114,8 @@ def run_config(spec: SiglipSpec) -> ml_collections.ConfigDict:
   c.loss.chunked = False
   c.model.image = dict(dataclasses.asdict(spec.image), patch_size=(spec.patch_size,) * 2,
                        posemb="learn", pool_type="map")
+  if spec.naflex_grid is not None:
+    c.model.image["posemb_grid"] = (spec.naflex_grid,) * 2
   c.model.text = dict(dataclasses.asdict(spec.text), causal=False, pool_type="last_position",
                       mask_pad=False, embed_pad_as=spec.source_pad_id,
                       vocab_size=spec.vocab_size, pad_id=spec.pad_id, eos_id=spec.eos_id)
@@ -162,13 +167,17 @@ def spec_from_config(config: ml_collections.ConfigDict, where: str) -> SiglipSpe
   patch = tuple(image["patch_size"])
   if patch[0] != patch[1]:
     raise InteropError(f"{where}: patch size {patch} is not square.")
+  grid = image.get("posemb_grid")
+  if grid is not None and grid[0] != grid[1]:
+    raise InteropError(f"{where}: config.model.image.posemb_grid={tuple(grid)}; SigLIP 2's "
+                       f"NaFlex stores a square position table.")
   return SiglipSpec(
       image=tower(image), text=tower(text), image_size=config.data.image_size,
       patch_size=patch[0], vocab_size=text["vocab_size"], max_len=config.data.max_len,
       embed_dim=m.embed_dim, has_bias=m.get("bias_init") is not None,
       pad_id=text.get("pad_id", 0), eos_id=text.get("eos_id", 1),
       source_pad_id=text.get("embed_pad_as") if text.get("embed_pad_as") is not None
-      else text.get("pad_id", 0))
+      else text.get("pad_id", 0), naflex_grid=None if grid is None else int(grid[0]))
 
 
 def model(config: ml_collections.ConfigDict):
@@ -248,6 +257,8 @@ def from_vljax(params: Any) -> dict[str, np.ndarray]:
 # Text clean-up of Hugging Face's SiglipTokenizer (after big_vision's zero-shot prompts):
 # lowercase, delete ASCII punctuation, collapse whitespace, strip.
 HF_TEXT = "siglip_hf"
+# Hugging Face's Siglip2Tokenizer (and SigLIP 2's training) only lowercases.
+HF_SIGLIP2_TEXT = "siglip2_hf"
 _DELETE_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 

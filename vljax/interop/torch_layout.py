@@ -14,8 +14,18 @@ import numpy as np
 
 from vljax.interop.tensors import TensorFile, check_shape
 
-# kind -> (torch -> big_vision, big_vision -> torch); `h` is the number of heads.
+# kind -> (torch -> big_vision, big_vision -> torch); `h` is the number of heads (for
+# 'patch_dense', of image channels).
 _Convert = Callable[[np.ndarray, int], np.ndarray]
+
+
+def _patch_kernel(x: np.ndarray, channels: int) -> np.ndarray:
+  """A Linear over flattened patches [D, p*p*C], pixels in (row, column, channel) order (SigLIP
+  2's NaFlex) -> the equivalent conv kernel [p, p, C, D]."""
+  p = int(round((x.shape[1] // channels) ** 0.5))
+  return x.T.reshape(p, p, channels, x.shape[0])
+
+
 KINDS: dict[str, tuple[_Convert, _Convert]] = {
     "copy": (lambda x, h: x, lambda x, h: x),
     "dense": (lambda x, h: x.T, lambda x, h: x.T),
@@ -26,6 +36,7 @@ KINDS: dict[str, tuple[_Convert, _Convert]] = {
             lambda x, h: x.reshape(-1, x.shape[-1]).T),
     "conv": (lambda x, h: x.transpose(2, 3, 1, 0), lambda x, h: x.transpose(3, 2, 0, 1)),
     "posemb": (lambda x, h: x[None], lambda x, h: x[0]),
+    "patch_dense": (_patch_kernel, lambda x, h: x.reshape(-1, x.shape[-1]).T),
 }
 
 

@@ -1,13 +1,14 @@
 """Vision Transformer (ViT) image encoder, as used by the dual-encoder families."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vljax.models import layers
+from vljax.models import naflex
 
 Array = jax.Array
 Dtype = Any
@@ -65,6 +66,10 @@ class VisionTransformer(nn.Module):
     pre_norm: a LayerNorm ('pre_norm') on the tokens before the blocks (CLIP's ln_pre).
     norm_eps, activation: the LayerNorms' epsilon and the MLPs' activation
       (vljax.models.layers.ACTIVATIONS); CLIP: 1e-5 and 'gelu' or 'quick_gelu'.
+    posemb_grid: (rows, columns) the learned position table is stored at, resized to each
+      image's patch grid (antialiased bilinear: SigLIP 2's NaFlex,
+      vljax.models.naflex.resize_posemb); None (default): the table has the input's grid.
+      Needed for NaFlex batches.
   """
   width: int
   depth: int
@@ -82,23 +87,38 @@ class VisionTransformer(nn.Module):
   pre_norm: bool = False
   norm_eps: float = 1e-6
   activation: str = "gelu_tanh"
+  posemb_grid: tuple[int, int] | None = None
 
   @nn.compact
-  def __call__(self, images: Array, train: bool = False) -> tuple[Array | None, Array]:
-    """Encodes images [B, H, W, C].
+  def __call__(self, images: Array | Mapping[str, Array], train: bool = False
+               ) -> tuple[Array | None, Array]:
+    """Encodes images [B, H, W, C], or a NaFlex batch (vljax.models.naflex: padded patches of
+    images of any sizes, with their grids and a mask; needs posemb_grid).
 
     Returns:
       (pooled [B, width] or None for pool_type 'none', tokens [B, n, width]) where tokens are
-      the patch tokens after the final LayerNorm (the class token excluded).
+      the patch tokens after the final LayerNorm (the class token excluded; a NaFlex batch's
+      padding rows included, their values meaningless).
     """
     if self.pool_type not in POOL_TYPES:
       raise ValueError(f"Unknown pool_type {self.pool_type!r}; valid: {POOL_TYPES}.")
     if self.posemb not in POSEMB_TYPES:
       raise ValueError(f"Unknown posemb {self.posemb!r}; valid: {POSEMB_TYPES}.")
-    _, h, w, _ = images.shape
     ph, pw = self.patch_size
-    if h % ph or w % pw:
-      raise ValueError(f"Image size {h}x{w} is not a multiple of the patch size {ph}x{pw}.")
+    is_naflex = isinstance(images, Mapping)
+    if is_naflex:
+      if self.posemb_grid is None or self.posemb != "learn":
+        raise ValueError("A NaFlex batch needs a learned position table stored at one grid "
+                         "(posemb='learn' and posemb_grid set).")
+      b, n, _ = images["patches"].shape
+      # Each patch through the same strided conv as a whole image: one kernel for both inputs.
+      pixels = jnp.reshape(images["patches"], (b * n, ph, pw, -1))
+      mask = images["mask"].astype(bool)
+    else:
+      _, h, w, _ = images.shape
+      if h % ph or w % pw:
+        raise ValueError(f"Image size {h}x{w} is not a multiple of the patch size {ph}x{pw}.")
+      pixels, mask = images, None
 
     x = nn.Conv(
         self.width, (ph, pw), strides=(ph, pw), padding="VALID", dtype=self.dtype,
@@ -106,16 +126,25 @@ class VisionTransformer(nn.Module):
         kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
                                        (None, None, None, "embed")),
         bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))(
-            images.astype(self.dtype))
-    b, gh, gw, c = x.shape
-    x = jnp.reshape(x, (b, gh * gw, c))
+            pixels.astype(self.dtype))
+    if is_naflex:
+      c = x.shape[-1]
+      x = jnp.reshape(x, (b, n, c))
+    else:
+      b, gh, gw, c = x.shape
+      x = jnp.reshape(x, (b, gh * gw, c))
 
     if self.posemb == "learn":
+      table_grid = self.posemb_grid or (gh, gw)
       pos = self.param(
           "pos_embedding",
           layers.partitioned(nn.initializers.normal(stddev=1 / self.width ** 0.5),
                              (None, None, "embed")),
-          (1, gh * gw, c), self.param_dtype)
+          (1, table_grid[0] * table_grid[1], c), self.param_dtype)
+      if is_naflex:
+        pos = naflex.resize_posemb(pos[0], table_grid, images["spatial_shapes"], n)
+      elif tuple(table_grid) != (gh, gw):  # one grid for the whole batch: resized once
+        pos = naflex.resize_posemb(pos[0], table_grid, jnp.array([[gh, gw]]), gh * gw)
     else:
       pos = layers.posemb_sincos_2d(gh, gw, c, dtype=self.dtype)
     x = x + pos.astype(self.dtype)
@@ -125,6 +154,8 @@ class VisionTransformer(nn.Module):
                        layers.partitioned(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, c), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(self.dtype), (b, 1, 1)), x], axis=1)
+      if mask is not None:
+        mask = jnp.concatenate([jnp.ones((b, 1), bool), mask], axis=1)
     if self.pre_norm:
       x = layers.layer_norm(self.dtype, self.param_dtype, name="pre_norm",
                             epsilon=self.norm_eps)(x)
@@ -134,7 +165,8 @@ class VisionTransformer(nn.Module):
     x = layers.Encoder(
         self.depth, self.mlp_dim, self.num_heads, dropout=self.dropout, remat=self.remat,
         scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype, norm_eps=self.norm_eps,
-        activation=self.activation, name="Transformer")(x, None, train)
+        activation=self.activation, name="Transformer")(
+            x, None if mask is None else mask[:, None, None, :], train)
 
     if self.pool_type == "tok":
       pooled, tokens = x[:, 0], x[:, 1:]
@@ -142,10 +174,14 @@ class VisionTransformer(nn.Module):
       tokens = x
       pooled = layers.MAPHead(self.num_heads, self.mlp_dim, dtype=self.dtype,
                               param_dtype=self.param_dtype, norm_eps=self.norm_eps,
-                              activation=self.activation, name="MAPHead_0")(x)
+                              activation=self.activation, name="MAPHead_0")(x, mask)
     elif self.pool_type == "gap":
       tokens = x
-      pooled = jnp.mean(x, axis=1)
+      if mask is None:
+        pooled = jnp.mean(x, axis=1)
+      else:  # the mean over each image's own patches
+        weights = mask[..., None].astype(x.dtype)
+        pooled = jnp.sum(x * weights, axis=1) / jnp.sum(weights, axis=1)
     else:
       tokens, pooled = x, None
     return pooled, tokens
