@@ -165,13 +165,17 @@ def test_big_vision_naflex_checkpoint_round_trips(imports, tmp_path):
   assert all(np.array_equal(a, b) for a, b in zip(hf_params, bv_params))
 
 
-def test_siglip2_text_is_lowercased(model):
-  ids = model.tokenize(["A Photo of a CAT", "a photo of a cat"])
-  np.testing.assert_array_equal(ids[0], ids[1])
-  expected = model.tokenizer.encode(["a photo of a cat"] * 2, model.config.data.max_len)
-  # The fixture pads with EOS (text_config.pad_token_id 1), as SigLIP does.
-  expected[expected == model.tokenizer.pad_id] = 1
-  np.testing.assert_array_equal(ids, expected)
+def test_siglip2_text_is_big_vision_s(model):
+  """big_vision's SigLIP 2 text: lowercase, sentencepiece, no BOS, EOS kept on truncation,
+  padding with <pad> (id 0, not SigLIP's EOS), whatever the config's pad_token_id (here 1)."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  sp = spm.SentencePieceProcessor(model_file=SPIECE)
+  max_len = model.config.data.max_len
+  captions = ["A Photo of a CAT", "a photo of a cat", "", " ".join(["Dogs"] * 40)]
+  for caption, ids in zip(captions, model.tokenize(captions)):
+    pieces = sp.encode(caption.lower())[:max_len - 1] + [sp.eos_id()]
+    np.testing.assert_array_equal(ids, pieces + [sp.pad_id()] * (max_len - len(pieces)))
+  assert sp.pad_id() == 0 and model.config.model.text["embed_pad_as"] == 0
 
 
 def test_bad_naflex_input_and_config_are_refused(tmp_path):
@@ -195,3 +199,16 @@ def test_bad_naflex_input_and_config_are_refused(tmp_path):
   with pytest.raises(interop.InteropError,
                      match=r"bad.npz: tensor 'params/img/embedding/kernel' has 190 rows"):
     interop.import_checkpoint("big_vision", bad, str(tmp_path / "out2"))
+
+
+def test_fixed_resolution_siglip2_is_told_by_gemma_s_vocabulary():
+  """A SiglipModel over Gemma's 256,000 pieces is SigLIP 2: lowercased text, <pad> padding;
+  SigLIP's own stay as they were (EOS padding, no lowercasing)."""
+  config = json.loads(open(os.path.join(FIXTURES, "hf_siglip", hf.CONFIG)).read())
+  spec, _ = hf.spec_from_config(SIGLIP2_DIR, config)
+  assert (spec.lowercase_text, spec.source_pad_id, spec.naflex_grid) == (False, 1, None)
+  config["text_config"]["vocab_size"] = 256_000
+  spec, _ = hf.spec_from_config(SIGLIP2_DIR, config)
+  assert (spec.lowercase_text, spec.source_pad_id, spec.naflex_grid) == (True, 0, None)
+  run = interop.siglip.run_config(spec)
+  assert run.data.lowercase and run.model.text["embed_pad_as"] == 0

@@ -52,7 +52,7 @@ def import_checkpoint(fmt: str, src: str, out: str, tokenizer: str | None = None
   """Converts the checkpoint `src` of format `fmt` into a vljax export directory `out`.
 
   tokenizer: the checkpoint's tokenizer: a sentencepiece model for SigLIP (for --format=hf,
-  SRC/spiece.model when not given; for a Siglip2Model SRC/tokenizer.model, Gemma's), CLIP's BPE vocabulary for CLIP models (open_clip's
+  SRC/spiece.model when not given; for SigLIP 2 SRC/tokenizer.model, Gemma's), CLIP's BPE vocabulary for CLIP models (open_clip's
   bpe_simple_vocab_16e6.txt.gz; a Hugging Face CLIPModel's SRC/merges.txt when not given).
   Without one the export still loads through `load` and config.init, but vljax.predict and
   vljax.evaluate need it. model_config: open_clip's model config JSON when SRC is a weights
@@ -70,10 +70,11 @@ def import_checkpoint(fmt: str, src: str, out: str, tokenizer: str | None = None
     tokenizer = tokenizer or clip_bpe.find_vocabulary(src)
   elif fmt == "hf":
     spec, arrays, source, names = hf.read(src, hf_config)
-    siglip2 = spec.naflex_grid is not None
-    default = os.path.join(src, hf.SIGLIP2_TOKENIZER if siglip2 else hf.TOKENIZER)
+    # SigLIP 2 ships Gemma's tokenizer and lowercases (config.data.lowercase) instead of
+    # SiglipTokenizer's clean-up.
+    default = os.path.join(src, hf.SIGLIP2_TOKENIZER if spec.lowercase_text else hf.TOKENIZER)
     tokenizer = tokenizer or (default if os.path.isfile(default) else None)
-    text = siglip.HF_SIGLIP2_TEXT if siglip2 else siglip.HF_TEXT
+    text = None if spec.lowercase_text else siglip.HF_TEXT
   elif fmt == "big_vision":
     spec, arrays, source = big_vision.read(src)
   elif fmt == "open_clip":
@@ -236,16 +237,17 @@ class ImportedModel:
     """int32 [N, config.data.max_len]: the ids as the source library's tokenizer gives them
     (SigLIP: text, EOS, then EOS as padding; from Hugging Face, after its SiglipTokenizer's
     clean-up: lowercase, no ASCII punctuation, collapsed whitespace; from open_clip's SigLIP,
-    after its 'canonicalize' clean-up). From a Siglip2Model: lowercased, as SigLIP 2 trained,
-    padded on the right; transformers' Siglip2Tokenizer pads on the left by default
+    after its 'canonicalize' clean-up). SigLIP 2 (config.data.lowercase): lowercased, EOS,
+    then Gemma's <pad> (0), as big_vision; not transformers' Siglip2Tokenizer's left padding
     (docs/interop.md)."""
     from vljax.interop import open_clip_siglip, siglip  # pylint: disable=g-import-not-at-top
     if self.tokenizer is None:
       raise InteropError("This export has no tokenizer.model; import it with --tokenizer.")
-    normalize = {siglip.HF_TEXT: siglip.canonicalize_text, siglip.HF_SIGLIP2_TEXT: str.lower,
+    normalize = {siglip.HF_TEXT: siglip.canonicalize_text,
                  open_clip_siglip.TEXT_NORMALIZATION: open_clip_siglip.canonicalize_text}.get(
                      self.source.get("text_normalization"), lambda t: t)
-    texts = [normalize(t) for t in texts]
+    lower = self.config.data.get("lowercase", False)  # SigLIP 2's imports
+    texts = [normalize(t.lower() if lower else t) for t in texts]
     ids = self.tokenizer.encode(texts, self.config.data.max_len)
     pad_as = self.config.model.text.get("embed_pad_as")
     if pad_as is not None:

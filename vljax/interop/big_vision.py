@@ -97,6 +97,9 @@ def spec_from_tensors(source: TensorFile) -> siglip.SiglipSpec:
                                               "are supported.")
   embed = _shaped(source, "txt/Embed_0/embedding", "[vocab, width]")
   txt_pos = _shaped(source, "txt/pos_embedding", "[1, length, width]")
+  # SigLIP 2 (NaFlex, or Gemma's vocabulary) pads with <pad> and lowercases; SigLIP pads with
+  # EOS.
+  siglip2 = naflex_grid is not None or embed.shape[0] == siglip.GEMMA_VOCAB_SIZE
   text_head = "txt/head/kernel" in source
   image_head = "img/head/kernel" in source
   if text_head:
@@ -109,7 +112,8 @@ def spec_from_tensors(source: TensorFile) -> siglip.SiglipSpec:
       image=image, text=text, image_size=grid * patch, patch_size=patch,
       vocab_size=embed.shape[0], max_len=txt_pos.shape[1], embed_dim=embed_dim,
       image_head=image_head, text_head=text_head, has_bias="b" in source,
-      naflex_grid=naflex_grid)
+      naflex_grid=naflex_grid, source_pad_id=siglip.SIGLIP2_PAD_ID if siglip2 else 1,
+      lowercase_text=siglip2)
 
 
 def read(path: str) -> tuple[siglip.SiglipSpec, dict[str, np.ndarray], TensorFile]:

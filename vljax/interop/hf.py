@@ -32,7 +32,7 @@ WEIGHTS = "model.safetensors"
 TORCH_WEIGHTS = "pytorch_model.bin"  # read when there is no model.safetensors, never unpickled
 CONFIG = "config.json"
 TOKENIZER = "spiece.model"
-# A Siglip2Model's sentencepiece model (Gemma's), when its directory has one.
+# SigLIP 2's sentencepiece model (Gemma's), when its directory has one.
 SIGLIP2_TOKENIZER = "tokenizer.model"
 
 # The defaults of transformers' SiglipVisionConfig / SiglipTextConfig for the keys read here.
@@ -177,6 +177,8 @@ def spec_from_config(directory: str, config: dict[str, Any]
                         c["num_attention_heads"])
 
   naflex_grid, image_size = None, v.get("image_size")
+  # SigLIP 2: the NaFlex Siglip2Model, or a fixed-resolution SiglipModel over Gemma's vocabulary.
+  siglip2 = kind == "siglip2" or t["vocab_size"] == siglip.GEMMA_VOCAB_SIZE
   if kind == "siglip2":
     naflex_grid = int(round(v["num_patches"] ** 0.5))
     if naflex_grid * naflex_grid != v["num_patches"]:
@@ -187,7 +189,9 @@ def spec_from_config(directory: str, config: dict[str, Any]
   spec = siglip.SiglipSpec(
       image=tower(v), text=tower(t), image_size=image_size, patch_size=v["patch_size"],
       vocab_size=t["vocab_size"], max_len=t["max_position_embeddings"], embed_dim=projection,
-      source_pad_id=t["pad_token_id"], naflex_grid=naflex_grid)
+      # SigLIP 2's text_config.pad_token_id is not what its tokenizer pads with.
+      source_pad_id=siglip.SIGLIP2_PAD_ID if siglip2 else t["pad_token_id"],
+      naflex_grid=naflex_grid, lowercase_text=siglip2)
   return spec, v["num_channels"]
 
 
@@ -237,7 +241,7 @@ def write(directory: str, spec: siglip.SiglipSpec, bv: dict[str, np.ndarray],
     json.dump(_config_json(spec), f, indent=2)
     f.write("\n")
   if tokenizer_proto is not None:
-    name = TOKENIZER if spec.naflex_grid is None else SIGLIP2_TOKENIZER
+    name = SIGLIP2_TOKENIZER if spec.lowercase_text else TOKENIZER
     with open(os.path.join(directory, name), "wb") as f:
       f.write(tokenizer_proto)
   return os.path.abspath(directory)

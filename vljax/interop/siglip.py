@@ -99,6 +99,7 @@ class SiglipSpec:
   # SigLIP 2 NaFlex: the side of the square grid its position table is stored at (resized to
   # each image's grid); None: a fixed-resolution model, its table at image_size / patch_size.
   naflex_grid: int | None = None
+  lowercase_text: bool = False  # SigLIP 2 trained on lowercased text (config.data.lowercase)
 
 
 def run_config(spec: SiglipSpec) -> ml_collections.ConfigDict:
@@ -127,6 +128,7 @@ def run_config(spec: SiglipSpec) -> ml_collections.ConfigDict:
   c.data.image_size = spec.image_size
   c.data.max_len = spec.max_len
   c.data.mean, c.data.std = [], []  # SigLIP's [-1, 1] pixels
+  c.data.lowercase = spec.lowercase_text
   # A schedule, so that the config builds as a run (vljax.predict, vljax.evaluate); a run that
   # trains from the import sets its own.
   c.batch_size = 32
@@ -177,7 +179,8 @@ def spec_from_config(config: ml_collections.ConfigDict, where: str) -> SiglipSpe
       embed_dim=m.embed_dim, has_bias=m.get("bias_init") is not None,
       pad_id=text.get("pad_id", 0), eos_id=text.get("eos_id", 1),
       source_pad_id=text.get("embed_pad_as") if text.get("embed_pad_as") is not None
-      else text.get("pad_id", 0), naflex_grid=None if grid is None else int(grid[0]))
+      else text.get("pad_id", 0), naflex_grid=None if grid is None else int(grid[0]),
+      lowercase_text=bool(config.data.get("lowercase", False)))
 
 
 def model(config: ml_collections.ConfigDict):
@@ -257,6 +260,12 @@ def from_vljax(params: Any) -> dict[str, np.ndarray]:
 # Text clean-up of Hugging Face's SiglipTokenizer (after big_vision's zero-shot prompts):
 # lowercase, delete ASCII punctuation, collapse whitespace, strip.
 HF_TEXT = "siglip_hf"
+# SigLIP 2 pads its text with Gemma's <pad>, id 0 (big_vision's SigLIP 2 demo: 'lower|tok(
+# length=64, model="gemma", bos="no", eos="sticky")', whose pad value is 0; transformers'
+# Siglip2Tokenizer pads with <pad> too), where SigLIP pads with EOS (1). Gemma's vocabulary
+# has 256,000 pieces.
+SIGLIP2_PAD_ID = 0
+GEMMA_VOCAB_SIZE = 256_000
 # Hugging Face's Siglip2Tokenizer (and SigLIP 2's training) only lowercases.
 HF_SIGLIP2_TEXT = "siglip2_hf"
 _DELETE_PUNCTUATION = str.maketrans("", "", string.punctuation)
