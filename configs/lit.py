@@ -22,13 +22,15 @@ from vljax import configlib
 
 
 def _take_architecture(c, directory: str) -> None:
-  """The model, image size, text length, pixel range and tokenizer of an imported export."""
+  """The model, image size, text length, pixel range, text casing (SigLIP 2 lowercases) and
+  tokenizer of an imported export."""
   imported = configlib.read_run_config(directory)
   # The logit scale and bias train from scratch, initialised as the loss's recipe says.
   scalars = {k: c.model[k] for k in ("temperature_init", "bias_init")}
   c.model = dict(imported["model"], **scalars)
   for key in ("image_size", "max_len", "mean", "std"):
     c.data[key] = imported["data"][key]
+  c.data.lowercase = imported["data"].get("lowercase", False)
   c.tokenizer.path = os.path.join(directory, "tokenizer.model")
   c.init.path = directory
 

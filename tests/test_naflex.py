@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vljax import interop
+from vljax import configlib, interop
 from vljax.interop import hf, tensors
 from vljax.models import naflex
 from vljax.models import vit
@@ -165,7 +165,7 @@ def test_big_vision_naflex_checkpoint_round_trips(imports, tmp_path):
   assert all(np.array_equal(a, b) for a, b in zip(hf_params, bv_params))
 
 
-def test_siglip2_text_is_big_vision_s(model):
+def test_siglip2_text_is_big_vision_s(model, imported):
   """big_vision's SigLIP 2 text: lowercase, sentencepiece, no BOS, EOS kept on truncation,
   padding with <pad> (id 0, not SigLIP's EOS), whatever the config's pad_token_id (here 1)."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
@@ -176,6 +176,11 @@ def test_siglip2_text_is_big_vision_s(model):
     pieces = sp.encode(caption.lower())[:max_len - 1] + [sp.eos_id()]
     np.testing.assert_array_equal(ids, pieces + [sp.pad_id()] * (max_len - len(pieces)))
   assert sp.pad_id() == 0 and model.config.model.text["embed_pad_as"] == 0
+  # LiT from the import trains on lowercased captions too.
+  lit = configlib.load_config_file(
+      os.path.join(os.path.dirname(FIXTURES), os.pardir, os.pardir, "configs",
+                   f"lit.py:scale=tiny,imported={imported}"))
+  assert lit.data.lowercase
 
 
 def test_bad_naflex_input_and_config_are_refused(tmp_path):
