@@ -189,6 +189,8 @@ def test_bad_naflex_input_and_config_are_refused(tmp_path):
   tower = vit.VisionTransformer(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=(8, 8))
   with pytest.raises(ValueError, match="NaFlex batch needs .*posemb_grid"):
     jax.eval_shape(tower.init, jax.random.key(0), batch)
+  with pytest.raises(ValueError, match=r"posemb_grid=\(16,\): expected \(rows, columns\)"):
+    jax.eval_shape(tower.clone(posemb_grid=(16,)).init, jax.random.key(0), batch)
   directory = tmp_path / "hf"
   shutil.copytree(SIGLIP2_DIR, directory)
   config = json.loads((directory / hf.CONFIG).read_text())

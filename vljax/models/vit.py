@@ -104,6 +104,10 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"Unknown pool_type {self.pool_type!r}; valid: {POOL_TYPES}.")
     if self.posemb not in POSEMB_TYPES:
       raise ValueError(f"Unknown posemb {self.posemb!r}; valid: {POSEMB_TYPES}.")
+    grid = self.posemb_grid
+    if grid is not None and (len(grid) != 2 or not all(isinstance(g, int) and g > 0
+                                                       for g in grid)):
+      raise ValueError(f"posemb_grid={grid!r}: expected (rows, columns), two positive ints.")
     ph, pw = self.patch_size
     is_naflex = isinstance(images, Mapping)
     if is_naflex:
