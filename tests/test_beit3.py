@@ -284,3 +284,8 @@ def test_held_out_accuracies_score_every_pair_in_any_batch(run, tok):
       keys, jnp.asarray(tok.encode(captions, config.data.max_len)))
   np.testing.assert_array_equal(counts[:, 3], (np.asarray(masks["text_labels"]) >= 0).sum(1))
   np.testing.assert_array_equal(counts[:, 5], (np.asarray(masks["pair_labels"]) >= 0).sum(1))
+
+
+def test_resume_is_bit_exact(vqkd_run, tmp_path):
+  """BEiT-3 with its frozen VQ-KD tokenizer resumes from a checkpoint to the same bits."""
+  train_helpers.check_resume_is_bit_exact(_config(vqkd_run[0]), str(tmp_path))

@@ -251,3 +251,11 @@ def test_tokenizer_evaluator_scores_every_held_out_image_as_numpy(teacher_run, t
   direction /= np.linalg.norm(direction)
   assert metrics["eval/teacher_cosine_mean_feature"] == pytest.approx(
       float((unit @ direction).mean()), rel=1e-4)
+
+
+def test_resume_is_bit_exact(teacher_run, tmp_path):
+  """The codebook (moved by its EMA rule, restarted from the batch's features) and the frozen
+  teacher resume from a checkpoint to the same bits as an uninterrupted run."""
+  # The teacher's export has no tokenizer file; VQ-KD reads images only.
+  config = _config(teacher_run[0], "tokenizer.path=")
+  train_helpers.check_resume_is_bit_exact(config, str(tmp_path))
