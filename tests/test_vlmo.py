@@ -1,7 +1,7 @@
 """VLMo's Multiway transformer and objective: routing of each token through its modality's
 expert with one shared attention, and the ITC / ITM / MLM losses against independent numpy
 recomputations. (Sharded == single device, the end-to-end run with zero-shot and re-ranked
-retrieval, and resume run for every config in test_train.py.)"""
+retrieval run with every config in test_train.py; resume is checked here.)"""
 import os
 
 import flax.linen as nn
@@ -15,7 +15,7 @@ from vljax.data import tokenizer as tokenizer_lib
 from vljax.models import multiway, vlmo
 from vljax.objectives import make_objective
 
-from train_helpers import random_batches, tiny_config
+from train_helpers import check_resume_is_bit_exact, random_batches, tiny_config
 
 W, HEADS, DEPTH, VL = 16, 2, 3, 1
 MW = dict(vocab_size=40, max_len=6, image_size=16, patch_size=8, width=W, depth=DEPTH,
@@ -245,3 +245,9 @@ def test_each_stage_decays_and_updates_only_what_it_trains(stage, tokenizer):
       assert frozen == bool(on_purpose) and decay(name) == 1.0, (stage, name)
       checked += 1
   assert checked > 10
+
+
+def test_resume_is_bit_exact(tmp_path):
+  """VLMo (its ITM negatives mined from the batch's similarities) resumes from a checkpoint to
+  the same bits as an uninterrupted run."""
+  check_resume_is_bit_exact(tiny_config("vlmo"), str(tmp_path))
