@@ -25,12 +25,15 @@ pooled text [CLS] (vljax.models.fusion_heads.MultiwayClassifier). At scale=paper
 VLMo's 224 px and takes the task's ALBEF schedule above (VLMo's own fine-tuning recipes are not
 transcribed).
 
-`layer_decay=R` (family=vlmo; default 1, none) scales the learning rate of Multiway block k of
-L by R ** (L - k) and of the embeddings by R ** (L + 1), heads unscaled (BEiT's layer-wise
-decay; vljax.optim.layer_decay_lr_mults).
+`family=beit3` fine-tunes a BEiT-3 run (configs/beit3.py) the same way: its Multiway
+transformer is VLMo's (mw/), BEiT-3 pre-trains no pooler, so pooler/ starts fresh with cls_head/.
+
+`layer_decay=R` (family=vlmo or beit3; default 1, none) scales the learning rate of Multiway
+block k of L by R ** (L - k) and of the embeddings by R ** (L + 1), heads unscaled (BEiT's
+layer-wise decay; vljax.optim.layer_decay_lr_mults).
 
 Arguments (comma-separated k=v): init=DIR (required; or set config.init.path),
-scale=laptop|tiny|paper, variant=B/16 (ALBEF), family=albef|vlmo, layer_decay=1.0.
+scale=laptop|tiny|paper, variant=B/16 (ALBEF), family=albef|vlmo|beit3, layer_decay=1.0.
 """
 import os
 
@@ -50,17 +53,26 @@ PAPER = {
 
 
 # The pre-training run each family fine-tunes from: its config and the subtrees the classifier
-# takes from it (everything else of that run, ITC/ITM/MLM heads, is left behind).
-FAMILIES = {"albef": ("albef.py", "^(img|txt|fusion)/"), "vlmo": ("vlmo.py", "^(mw|pooler)/")}
+# takes from it (everything else of that run, ITC/ITM/MLM/MIM heads, is left behind).
+FAMILIES = {"albef": ("albef.py", "^(img|txt|fusion)/"), "vlmo": ("vlmo.py", "^(mw|pooler)/"),
+            "beit3": ("beit3.py", "^(mw)/")}
+# The families of one Multiway transformer (vljax.models.fusion_heads.MultiwayClassifier).
+MULTIWAY = ("vlmo", "beit3")
+# The config.data key of a task's held-out set, where it is not eval_classification (the
+# evaluator that reads the key scores the task).
+HELDOUT_KEYS = {"vqa": "eval_vqa"}
 
 
-def finetune_config(task: str, arg=None):
-  """The fine-tuning config of `task` ('snli_ve' or 'nlvr2'); configs/nlvr2.py shares it."""
-  args = configlib.parse_arg(arg, init="", scale="laptop", variant="B/16", family="albef",
-                             layer_decay=1.0)
-  if args.family not in FAMILIES:
+def finetune(task: str, arg=None, families: tuple[str, ...] = tuple(FAMILIES), **extra_args):
+  """(config, its parsed arguments) of fine-tuning a run of one of `families` (the first is the
+  default) on `task`: what configs/snli_ve.py, nlvr2.py and vqa.py share. `extra_args` are the
+  caller's own config arguments with their defaults. At scale=paper only the tasks in PAPER get
+  their data and recipe here; the caller sets the others'."""
+  args = configlib.parse_arg(arg, init="", scale="laptop", variant="B/16", family=families[0],
+                             layer_decay=1.0, **extra_args)
+  if args.family not in families:
     raise configlib.ConfigError(f"configs/{task}.py: family={args.family!r}; choose one of "
-                                f"{', '.join(FAMILIES)}.")
+                                f"{', '.join(families)}.")
   pretraining, encoders = FAMILIES[args.family]
   if not args.init:
     raise configlib.ConfigError(
@@ -68,9 +80,10 @@ def finetune_config(task: str, arg=None):
         f"--config=configs/{task}.py:init=DIR, DIR a workdir or export (e.g. "
         f"/tmp/{args.family}_laptop after python -m vljax.main --config=configs/{pretraining} "
         f"--workdir=/tmp/{args.family}_laptop).")
-  if args.family == "vlmo":
+  if args.family in MULTIWAY:
     c = configlib.sibling_config(__file__, pretraining).get_config(f"scale={args.scale}")
-    # VLMo's stage settings name its heads (decay and freezing rules): none of them is here.
+    # The pre-training's settings name its heads (decay and freezing rules): none of them is
+    # here.
     c.optim.freeze = []
     c.optim.wd_mults = configlib.base_train_config().optim.wd_mults
   else:
@@ -78,9 +91,9 @@ def finetune_config(task: str, arg=None):
         f"scale={args.scale},variant={args.variant}")
   c.objective = "fusion_classifier"
   c.task = task
-  c.loss = ml_collections.ConfigDict()  # cross-entropy only: no pre-training loss settings
+  c.loss = ml_collections.ConfigDict()  # the task's loss has no settings, nor pre-training's
   c.init.path = args.init
-  if args.family == "vlmo":
+  if args.family in MULTIWAY:
     # The fused mode runs the VL experts in the top blocks: their V and L experts (used by the
     # image-only and text-only modes) are not part of the classifier.
     t = c.model.transformer
@@ -88,20 +101,24 @@ def finetune_config(task: str, arg=None):
     encoders = f"^(?!mw/block_(?:{top})/(?:ln|ffn)_[vl]/){encoders[1:]}"
   c.init.mapping = [[encoders, r"\1/"]]  # cls_head/ trains from scratch
   if args.layer_decay != 1.0:
-    if args.family != "vlmo":
+    if args.family not in MULTIWAY:
       raise configlib.ConfigError(f"configs/{task}.py: layer_decay={args.layer_decay} is for "
-                                  "family=vlmo (one stack of blocks).")
+                                  f"family={' or '.join(MULTIWAY)} (one stack of blocks).")
     t = c.model.transformer
     c.optim.lr_mults = optim.layer_decay_lr_mults(
         float(args.layer_decay), t.depth, r"^mw/block_{}/",
         r"^mw/(patch|img_cls|img_pos|img_mask_token|embedding|txt_cls|txt_pos)") + list(
             c.optim.lr_mults)
   c.tokenizer.path = os.path.join(args.init, "tokenizer.model")  # the run's own tokenizer
-  c.data.eval = ""  # no zero-shot / retrieval: the classification set only
-  if args.scale == "paper":
+  c.data.eval = ""  # no zero-shot / retrieval: the task's held-out set only
+  if args.scale != "paper":
+    c.data.train = c.data[HELDOUT_KEYS.get(task, "eval_classification")] = (
+        f"synthetic?task={task}")
+    model_sizes.small_finetune(c, args.family, args.scale)
+  elif task in PAPER:
     train, heldout, batch, epochs, warmup = PAPER[task]
     c.data.train, c.data.eval_classification = train, heldout
-    if args.family == "albef":  # VLMo keeps its 224 px (its image positions are not resampled)
+    if args.family == "albef":  # the Multiway families keep 224 px (positions not resampled)
       c.data.image_size = 384
     c.data.augment.inception_crop = True  # ALBEF: random resized crop, scale (0.5, 1)
     c.data.augment.crop_scale = 0.5
@@ -114,10 +131,12 @@ def finetune_config(task: str, arg=None):
     c.optim.warmup_steps = None if warmup else 0
     c.optim.warmup_epochs = warmup or None
     c.eval.every_steps = 2000
-  else:
-    c.data.train = c.data.eval_classification = f"synthetic?task={task}"
-    model_sizes.small_finetune(c, args.family, args.scale)
-  return c
+  return c, args
+
+
+def finetune_config(task: str, arg=None):
+  """The fine-tuning config of `task` ('snli_ve' or 'nlvr2'); configs/nlvr2.py shares it."""
+  return finetune(task, arg)[0]
 
 
 def get_config(arg=None):

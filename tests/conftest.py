@@ -20,3 +20,20 @@ def tok(tmp_path_factory):
   """The synthetic-caption tokenizer, trained once into a temporary cache for the data tests."""
   cache = str(tmp_path_factory.mktemp("tok"))
   return tokenizer_lib.Tokenizer(tokenizer_lib.train_synthetic_tokenizer(cache))
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory, tok):
+  """family -> (the export directory of a freshly initialised configs/FAMILY.py:scale=tiny
+  model with the `tok` tokenizer, {parameter path: array}), made once a session: the
+  pre-training runs the fine-tuning tests start from."""
+  import train_helpers  # pylint: disable=g-import-not-at-top  (tests/ is on the path here)
+  runs = {}
+
+  def get(family):
+    if family not in runs:
+      runs[family] = train_helpers.export_tiny_run(
+          family, tok, str(tmp_path_factory.mktemp(family)))
+    return runs[family]
+
+  return get

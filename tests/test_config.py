@@ -27,8 +27,8 @@ def test_parse_arg_types_and_unknown_key():
 @pytest.mark.parametrize("arg", ["", "scale=tiny", "scale=paper"])
 def test_every_config_loads_and_validates(path, arg):
   # LiT and PaLI's paper recipe start from a trained run's image tower, the SNLI-VE / NLVR2
-  # fine-tuning from an ALBEF run, VQA from a BLIP run.
-  if path.endswith(("lit.py", "snli_ve.py", "nlvr2.py", "blip_vqa.py")) or (
+  # fine-tuning from an ALBEF run, VQA from a BLIP run (blip_vqa.py) or a VLMo run (vqa.py).
+  if path.endswith(("lit.py", "snli_ve.py", "nlvr2.py", "blip_vqa.py", "/vqa.py")) or (
       path.endswith("pali.py") and "paper" in arg):
     arg = ",".join(a for a in (arg, "init=/runs/siglip") if a)
   if path.endswith("vqkd.py"):  # distils a SigLIP run's image encoder
@@ -36,8 +36,9 @@ def test_every_config_loads_and_validates(path, arg):
   config = configlib.load_config_file(f"{path}:{arg}" if arg else path)
   assert config.objective
   # The paper recipes describe the global batch of 32k on (say) 256 chips; BLIP's batch of
-  # 2880 splits over 64 (45 each), NLVR2's fine-tuning batch of 128 too (2 each).
-  devices = (64 if path.endswith(("blip.py", "nlvr2.py")) else 256) if "paper" in arg else 8
+  # 2880 splits over 64 (45 each), NLVR2's and VQA's fine-tuning batch of 128 too (2 each).
+  small_batch = path.endswith(("blip.py", "nlvr2.py", "/vqa.py"))
+  devices = (64 if small_batch else 256) if "paper" in arg else 8
   train.validate(config, devices, 1)
 
 

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vljax import checkpoint, configlib, init_weights, optim, sharding, train
+from vljax import configlib, init_weights, optim, sharding, train
 from vljax.data import evalsets, formats, pipeline, sources, synthetic
 from vljax.evals import classification
 from vljax.objectives import make_objective
@@ -218,25 +218,6 @@ def test_nlvr2_head_reads_the_two_fused_cls_states_side_by_side(nlvr2_model):
 # ------------------------------------------------------------------ loading and training
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, tok):
-  """family -> (workdir with a tiny ALBEF / VLMo model's params exported, the params)."""
-  runs = {}
-
-  def get(family):
-    if family not in runs:
-      config = train_helpers.tiny_config(family)
-      mesh = sharding.make_mesh({"data": 8})
-      setup = train.build(config, tok, mesh, epoch_size=None)
-      params = train.init_state(setup, seed=3).params
-      workdir = str(tmp_path_factory.mktemp(family))
-      checkpoint.export_params(workdir, params, config.to_json())
-      runs[family] = workdir, _named(params)
-    return runs[family]
-
-  return get
-
-
 # The subtrees each family's classifier takes from its pre-training run.
 ENCODERS = {"albef": ("img", "txt", "fusion"), "vlmo": ("mw", "pooler")}
 
@@ -244,8 +225,8 @@ ENCODERS = {"albef": ("img", "txt", "fusion"), "vlmo": ("mw", "pooler")}
 @pytest.mark.parametrize("task,family", [("snli_ve", "albef"), ("nlvr2", "albef"),
                                          ("nlvr2", "vlmo")])
 def test_finetuning_starts_from_the_pretrained_encoders_and_lowers_the_loss(
-    task, family, pretrained, tok):
-  workdir, source = pretrained(family)
+    task, family, tiny_exports, tok):
+  workdir, source = tiny_exports(family)
   config = _finetune_config(task, f"{workdir},family={family}", "optim.warmup_steps=0",
                             "optim.lr=3e-3", "optim.schedule=constant")
   mesh = sharding.make_mesh({"data": 8})
@@ -290,15 +271,6 @@ def test_config_needs_init():
 # ------------------------------------------------------------------ the evaluator
 
 
-class _Tokens:
-  """Encodes '5' as [[5, 0, ...]]: the test picks each example's token."""
-
-  def encode(self, texts, max_len):
-    out = np.zeros((len(texts), max_len), np.int32)
-    out[:, 0] = [int(t) for t in texts]
-    return out
-
-
 class _FakeClassifier:
   """Predicts (token + [first pixel of each image > 0]) % num_classes."""
   task, label_names = "nlvr2", ("False", "True")
@@ -329,7 +301,7 @@ def test_evaluator_counts_like_numpy(pair):
     data["image2"] = images[1]
     predicted, shuffled = predicted + bright[1], shuffled + np.roll(bright[1], -1)
   evaluator = classification.ClassificationEvaluator(
-      _FakeClassifier(pair), {"classification": data}, _Tokens(), 4,
+      _FakeClassifier(pair), {"classification": data}, train_helpers.DigitTokens(), 4,
       sharding.make_mesh({"data": 8}), batch_size=8)
   metrics = evaluator(None)
   expect = lambda p: float(np.mean(p % 2 == labels))

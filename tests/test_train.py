@@ -20,10 +20,11 @@ from train_helpers import assert_trees_close, random_batches, tiny_config, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every config that trains from scratch; lit.py (its own test below), snli_ve.py and nlvr2.py
-# (test_fusion_tasks.py), blip_vqa.py (test_blip_vqa.py) and vqkd.py (test_vqkd.py) start
-# from a trained run.
+# (test_fusion_tasks.py), blip_vqa.py (test_blip_vqa.py), vqa.py (test_vqa_classifier.py) and
+# vqkd.py (test_vqkd.py) start from a trained run.
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                 if not p.endswith(("lit.py", "snli_ve.py", "nlvr2.py", "blip_vqa.py", "vqkd.py")))
+                 if not p.endswith(("lit.py", "snli_ve.py", "nlvr2.py", "blip_vqa.py", "/vqa.py",
+                                    "vqkd.py")))
 
 
 @pytest.fixture(scope="module")

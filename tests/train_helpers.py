@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from vljax import configlib, optim, sharding, train
+from vljax import checkpoint, configlib, optim, sharding, train
 from vljax.objectives import make_objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +40,18 @@ def random_batch(config, objective, seed=0):
     return rng.integers(3, 40, shape).astype(field.dtype)
 
   return {name: draw(name, f) for name, f in fields.items()}
+
+
+def export_tiny_run(name, tokenizer, directory, seed=3):
+  """(export directory, named_arrays of its params) of a freshly initialised
+  configs/NAME.py:scale=tiny model written to DIRECTORY/export with `tokenizer`: the
+  pre-training run a fine-tuning test starts from."""
+  config = tiny_config(name)
+  objective = make_objective(config, tokenizer)
+  params = nn.unbox(jax.jit(objective.init)(jax.random.key(seed),
+                                            random_batch(config, objective)))
+  return (checkpoint.export_params(directory, params, config.to_json(), tokenizer),
+          named_arrays(params))
 
 
 def random_batches(config, tokenizer, n, seed=0):
@@ -145,3 +157,13 @@ def check_resume_is_bit_exact(config, root: str) -> None:
   assert sorted(a) == sorted(b)
   for name in a:
     np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+class DigitTokens:
+  """A stand-in tokenizer that encodes the text '5' as [[5, 0, ...]]: an evaluator test picks
+  each example's token."""
+
+  def encode(self, texts, max_len):
+    out = np.zeros((len(texts), max_len), np.int32)
+    out[:, 0] = [int(t) for t in texts]
+    return out

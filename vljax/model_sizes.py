@@ -237,12 +237,14 @@ def small_vqkd(config, scale: str) -> None:
   _small_run(config, s)
 
 
-# Fine-tuning the small ALBEF or VLMo models on SNLI-VE / NLVR2 (configs/snli_ve.py,
-# configs/nlvr2.py; family=albef|vlmo).
-SMALL_FINETUNE = {"albef": _finetune(SMALL_ALBEF), "vlmo": _finetune(SMALL_VLMO)}
+# Fine-tuning the small ALBEF, VLMo or BEiT-3 models on SNLI-VE / NLVR2 / VQA
+# (configs/snli_ve.py, nlvr2.py, vqa.py; family=albef|vlmo|beit3). BEiT-3's small sizes are
+# VLMo's (configs/beit3.py).
+SMALL_FINETUNE = {"albef": _finetune(SMALL_ALBEF), "vlmo": _finetune(SMALL_VLMO),
+                  "beit3": _finetune(SMALL_VLMO)}
 
 
 def small_finetune(config, family: str, scale: str) -> None:
   """The schedule of SMALL_FINETUNE[family][scale] on a config that already has that family's
-  small architecture of `scale` (configs/albef.py's or configs/vlmo.py's)."""
+  small architecture of `scale` (configs/albef.py's, vlmo.py's or beit3.py's)."""
   _small_run(config, _preset(SMALL_FINETUNE[family], scale))

@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from vljax import checkpoint as ckpt_lib
 from vljax import configlib
 from vljax import metrics as metrics_lib
+from vljax import objectives
 from vljax import optim
 from vljax import sharding
 from vljax.configlib import ConfigError
@@ -651,6 +652,7 @@ def load_latest(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh):
   Returns (setup, tokenizer, step, state); used by evaluation and prediction.
   """
   tokenizer = run_tokenizer(config, workdir)
+  config = objectives.prepare_run(config, workdir)  # what the run derived from its data
   # The training source is only opened when a duration in epochs needs its size.
   epoch_size = (None if config.get("total_epochs") is None else len(train_source(config)))
   setup = build(config, tokenizer, mesh, epoch_size=epoch_size)
@@ -682,6 +684,7 @@ def load_for_inference(config: ml_collections.ConfigDict, directory: str, mesh: 
   for params_dir in (directory, os.path.join(directory, "export")):
     if os.path.isdir(os.path.join(params_dir, "params")):
       tokenizer = run_tokenizer(config, directory)
+      config = objectives.prepare_run(config, directory)
       setup = build(config, tokenizer, mesh, epoch_size=None)
       params = ckpt_lib.load_exported_params(params_dir, setup.abstract_state.params)
       return setup, tokenizer, params, None
@@ -804,6 +807,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # compiles: a wrong path or unusable data is a ConfigError naming its config key now.
   checked = sources.check_config_sources(config.data, evaluate=config.eval.every_steps >= 0)
   source = checked["config.data.train"]
+  # What the model's shape takes from the training data (an answer vocabulary) is fixed now,
+  # and kept in the workdir: a resumed run reads it back rather than deriving it again.
+  config = objectives.prepare_run(config, workdir, source)
   setup = build(config, tokenizer, mesh, epoch_size=len(source))
   total = setup.total_steps
   evaluator = None

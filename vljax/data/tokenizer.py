@@ -462,7 +462,7 @@ class TextStats:
 CaptionStats = TextStats
 
 
-def _text_reader(source: Any) -> Callable[[int], dict[str, Any]]:
+def text_reader(source: Any) -> Callable[[int], dict[str, Any]]:
   """index -> raw text fields of that record ('caption', 'question', 'answers'), reading no
   image where it can.
 
@@ -507,8 +507,8 @@ def _clean_texts(fields: dict[str, Any], options: preprocess.TextOptions
   return captions, questions, answers
 
 
-def _plan(source: Any, max_records: int,
-          rng: np.random.Generator) -> list[tuple[Any, np.ndarray]]:
+def sample_plan(source: Any, max_records: int,
+                rng: np.random.Generator) -> list[tuple[Any, np.ndarray]]:
   """(component source, sorted record indices) to read, at most max_records.
 
   A mixture gives each component its weight's share of `max_records`, capped
@@ -561,12 +561,12 @@ def read_texts(spec: str, max_records: int = DEFAULT_MAX_RECORDS,
   """
   source = sources.get_source(spec, 'train', image_size=32, seed=seed)
   rng = np.random.default_rng(seed)
-  plan = _plan(source, max(0, int(max_records)), rng)
+  plan = sample_plan(source, max(0, int(max_records)), rng)
   stats = TextStats(records_sampled=sum(len(ix) for _, ix in plan))
   texts: list[str] = []
   done = 0
   for part, indices in plan:
-    read = _text_reader(part)
+    read = text_reader(part)
     for index in indices.tolist():
       done += 1
       if progress and done % 100_000 == 0:

@@ -11,7 +11,8 @@ Objectives with embed_images/embed_texts get zero-shot top-1 and retrieval recal
 (objectives with an ITM head, itm_scores, rank ITC candidates by it: config.eval.itm_rerank_k);
 objectives with generate(params, images, max_len) get captioning CIDEr-D and BLEU-4 on the
 retrieval set's images against its captions; objectives that also ask questions (vqa_prefix) get
-VQA accuracy on the 'vqa' set ({'image', 'question', 'answers', 'answer_type'}); visual
+VQA accuracy on the 'vqa' set ({'image', 'question', 'answers', 'answer_type'}), and so do answer
+classifiers (answer_vocabulary: vljax.evals.vqa_classifier); visual
 tokenizers (tokenizer_outputs) get codebook usage and reconstruction on the held-out images
 (vljax.evals.tokenizer); masked data modelling (masked_modelling_hits, BEiT-3) gets held-out
 masked-token accuracies on the retrieval set's pairs (vljax.evals.masked_modeling). Every
@@ -266,6 +267,11 @@ def build_evaluator(config, objective, eval_sets: dict[str, Any], tokenizer, mes
     scored.add("vqa")
     parts.append(VqaEvaluator(objective, eval_sets, tokenizer, decode_len, mesh,
                               config.eval.batch_size))
+  if hasattr(objective, "answer_vocabulary") and "vqa" in eval_sets:
+    from vljax.evals import vqa_classifier  # pylint: disable=g-import-not-at-top
+    scored.add("vqa")
+    parts.append(vqa_classifier.VqaClassifierEvaluator(
+        objective, eval_sets, tokenizer, config.data.max_len, mesh, config.eval.batch_size))
   if hasattr(objective, "classify") and "classification" in eval_sets:
     from vljax.evals import classification  # pylint: disable=g-import-not-at-top
     scored.add("classification")

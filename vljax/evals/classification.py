@@ -41,6 +41,43 @@ def accuracy_metrics(predictions: np.ndarray, labels: np.ndarray, task: str,
   return out
 
 
+class ShardedArgmax:
+  """The argmax class of `logits_fn(params, images, tokens[, images2])` for every example of
+  a held-out set, in sharded batches (the padded last batch is cut off): what the fine-tuning
+  evaluators (classification here, classifier VQA) score.
+
+  `images` are the set's image arrays (uint8 pixels are normalised on the device with
+  `image_options`, as in training; float32 ones are used as they are), `tokens` its texts.
+  """
+
+  def __init__(self, logits_fn, tokens: np.ndarray, images: list[np.ndarray],
+               image_options: preprocess.ImageOptions, mesh: Mesh, batch_size: int):
+    self.tokens, self.images = tokens, images
+    self.mesh, self.batch_size = mesh, batch_size
+
+    def classify(params, tokens, *images):
+      # uint8 pixels are normalised on the device, as in training (zero brightness deltas).
+      from vljax import train  # pylint: disable=g-import-not-at-top
+      images = [train.normalize_on_device(x, jax.numpy.zeros(x.shape[:1]), image_options)
+                if x.dtype == np.uint8 else x for x in images]
+      return logits_fn(params, images[0], tokens, *images[1:])
+    self._classify = jax.jit(classify)
+
+  def __call__(self, params: Any, shift: int = 0) -> np.ndarray:
+    """Predicted class ids [N]; `shift` pairs text i with the images of example i + shift
+    (an image-blind reading: the image a text sees says nothing about it)."""
+    images = tuple(np.roll(x, -shift, axis=0) if shift else x for x in self.images)
+    logits = common.embed_all(self._classify, params, (self.tokens,) + images, self.mesh,
+                              self.batch_size)
+    logits = multihost_utils.process_allgather(logits, tiled=True)
+    return np.argmax(np.asarray(logits), axis=-1)
+
+
+def image_options_of(data: dict[str, Any]) -> preprocess.ImageOptions:
+  """How a held-out set's uint8 images are normalised (the set's own options, else [-1, 1])."""
+  return data.get("image_options") or preprocess.ImageOptions(size=int(data["image"].shape[1]))
+
+
 class ClassificationEvaluator:
   """Scores objective.classify(params, images, tokens[, images2]) on the 'classification' set."""
 
@@ -52,27 +89,10 @@ class ClassificationEvaluator:
     if self.labels.min() < 0 or self.labels.max() >= len(self.label_names):
       raise ValueError(f"The {self.task} eval set has labels outside [0, "
                        f"{len(self.label_names)}).")
-    self.tokens = tokenizer.encode(data["statement"], max_len)
-    self.images = [data["image"]] + ([data["image2"]] if objective.pair else [])
-    opts = data.get("image_options") or preprocess.ImageOptions(
-        size=int(data["image"].shape[1]))
-    self.mesh, self.batch_size = mesh, batch_size
-
-    def classify(params, tokens, *images):
-      # uint8 pixels are normalised on the device, as in training (zero brightness deltas).
-      from vljax import train  # pylint: disable=g-import-not-at-top
-      images = [train.normalize_on_device(x, jax.numpy.zeros(x.shape[:1]), opts)
-                if x.dtype == np.uint8 else x for x in images]
-      return objective.classify(params, images[0], tokens, *images[1:])
-    self._classify = jax.jit(classify)
-
-  def predictions(self, params: Any, shift: int = 0) -> np.ndarray:
-    """Predicted class ids [N]; `shift` pairs text i with the images of example i + shift."""
-    images = tuple(np.roll(x, -shift, axis=0) if shift else x for x in self.images)
-    logits = common.embed_all(self._classify, params, (self.tokens,) + images, self.mesh,
-                              self.batch_size)
-    logits = multihost_utils.process_allgather(logits, tiled=True)
-    return np.argmax(np.asarray(logits), axis=-1)
+    tokens = tokenizer.encode(data["statement"], max_len)
+    images = [data["image"]] + ([data["image2"]] if objective.pair else [])
+    self.predictions = ShardedArgmax(objective.classify, tokens, images, image_options_of(data),
+                                     mesh, batch_size)
 
   def __call__(self, params: Any) -> dict[str, float]:
     metrics = accuracy_metrics(self.predictions(params), self.labels, self.task,

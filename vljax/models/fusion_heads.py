@@ -21,7 +21,9 @@ Parameter tree:
 MultiwayClassifier is the same head on VLMo (vljax.models.vlmo): [text ++ image] through the
 Multiway transformer's fused mode, the text [CLS] through VLMo's pooler (Dense, tanh; the ITM
 head's input), then cls_head; its tree is mw/, pooler/ (named as Vlmo's, so a VLMo run loads
-into them) and cls_head/.
+into them) and cls_head/. Its `head` picks cls_head's style: 'albef' (above) or 'vlmo' (VLMo's
+and BEiT-3's task head, Linear(W -> 2W) -> LayerNorm -> GELU -> Linear(num_classes), the VQA
+classifier's; cls_head/ hidden, norm, out).
 """
 from __future__ import annotations
 
@@ -40,18 +42,34 @@ Dtype = Any
 
 
 class ClassifierHead(nn.Module):
-  """Linear(hidden) -> ReLU -> Linear(num_classes); float32 logits."""
+  """Linear(hidden) -> activation -> Linear(num_classes); float32 logits.
+
+  style 'albef': ReLU (ALBEF's fine-tuning MLP); 'vlmo': LayerNorm then GELU (VLMo's
+  vqa_classifier and BEiT-3's VQA head, with PyTorch's defaults there: epsilon 1e-5, the exact
+  erf GELU; its LayerNorm is cls_head/norm).
+  """
   hidden: int
   num_classes: int
+  style: str = "albef"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    x = nn.relu(fusion.dense(self.hidden, ("embed", "mlp"), "hidden", self.dtype,
-                             self.param_dtype)(x))
+    x = fusion.dense(self.hidden, ("embed", "mlp"), "hidden", self.dtype, self.param_dtype)(x)
+    if self.style == "vlmo":
+      x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name="norm", scale_init=layers.partitioned(nn.initializers.ones, ("mlp",)),
+                       bias_init=layers.partitioned(nn.initializers.zeros, ("mlp",)))(x)
+      x = nn.gelu(x, approximate=False)
+    else:
+      x = nn.relu(x)
     return fusion.dense(self.num_classes, ("mlp", None), "out", jnp.float32,
                         self.param_dtype)(x)
+
+
+# ClassifierHead.style -> its hidden width as a multiple of the encoder's (VLMo: 2W).
+HEAD_WIDTHS = {"albef": 1, "vlmo": 2}
 
 
 class PairClassifier(nn.Module):
@@ -114,12 +132,14 @@ class MultiwayClassifier(PairClassifier):
 
   Attributes:
     transformer: multiway.Multiway keyword arguments, as vljax.models.vlmo.Vlmo's.
-    num_classes: 3 (SNLI-VE) or 2 (NLVR2).
+    num_classes: 3 (SNLI-VE), 2 (NLVR2) or the answer vocabulary's size (VQA).
     pair: two images per example (NLVR2): cls_head reads [left ++ right] pooled states.
+    head: cls_head's style, 'albef' (ReLU, hidden W) or 'vlmo' (LayerNorm + GELU, hidden 2W).
   """
   transformer: Mapping[str, Any]
   num_classes: int
   pair: bool = False
+  head: str = "albef"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -132,7 +152,11 @@ class MultiwayClassifier(PairClassifier):
                            kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
                                                           ("embed", None)),
                            bias_init=layers.partitioned(nn.initializers.zeros, (None,)))
-    self.cls_head = ClassifierHead(width, self.num_classes, dtype=self.dtype,
+    if self.head not in HEAD_WIDTHS:
+      raise ValueError(f"MultiwayClassifier(head={self.head!r}); choose one of "
+                       f"{', '.join(HEAD_WIDTHS)}.")
+    self.cls_head = ClassifierHead(HEAD_WIDTHS[self.head] * width, self.num_classes,
+                                   style=self.head, dtype=self.dtype,
                                    param_dtype=self.param_dtype)
 
   def fused_cls(self, tokens: Array, images: Array, images2: Array | None = None,

@@ -36,6 +36,14 @@ what the objective declares, and never names a batch key or a family:
                                the params with those parameters' new values, called once per
                                step right after the optimizer update and before update_extra
                                (which sees the result).
+  prepare_run(config, directory, train_source)
+                               (classmethod) the config completed with what the model's shape
+                               depends on and the objective derives from the training data (an
+                               answer vocabulary), before anything is built; kept in
+                               `directory` (the workdir) so that a resumed run reads it back
+                               instead of deriving it again. `train_source` is None where no
+                               training runs (evaluation): then only what `directory` holds is
+                               read. The default returns `config` as it is.
 
 A field whose BatchField has `pixels_with` set is uint8 pixels on the host; the step normalises
 it on the device with the image options and the brightness deltas of the named field before the
@@ -128,6 +136,11 @@ class Objective:
   def update_extra(self, extra: Any, params: Any, outputs: Any, step: jax.Array) -> Any:
     del params, outputs, step
     return extra
+
+  @classmethod
+  def prepare_run(cls, config: Any, directory: str, train_source: Any = None) -> Any:
+    del directory, train_source
+    return config
 
   rule_updated_params: tuple[str, ...] = ()
 

@@ -8,10 +8,12 @@ config.task picks the task:
 
   loss = cross-entropy of cls_head's logits (vljax.models.fusion_heads.FusionClassifier)
 
-The encoders (img/, txt/, fusion/; or VLMo's mw/ and pooler/ when config.model has a
-`transformer`) come from an ALBEF (VLMo) run through config.init (configs/snli_ve.py,
-configs/nlvr2.py, `family=`); cls_head/ trains from scratch. No momentum model and no queues: ALBEF's
-fine-tuning also distils from a momentum copy, which this objective leaves out (docs/fusion.md).
+The encoders (img/, txt/, fusion/; or the Multiway transformer mw/ and VLMo's pooler/ when
+config.model has a `transformer`) come from an ALBEF (VLMo, BEiT-3) run through config.init
+(configs/snli_ve.py, configs/nlvr2.py, `family=`); cls_head/ trains from scratch. No momentum
+model and no queues: ALBEF's fine-tuning also distils from a momentum copy, which this objective
+leaves out (docs/fusion.md). VQA as classification over an answer vocabulary is the sibling
+vljax.objectives.vqa_classifier (it shares classifier_model).
 
 Batch: 'image' (+ 'brightness'), for nlvr2 'image2' (+ 'brightness2'), 'text' [max_len] int32
 (the hypothesis or statement) and 'label' int32 (a label outside [0, num_classes) is left out
@@ -31,6 +33,7 @@ from vljax.configlib import ConfigError
 from vljax.data import synthetic
 from vljax.models import fusion_heads
 from vljax.objectives import base
+from vljax.objectives import contrastive
 from vljax.objectives import momentum_queues
 from vljax.objectives import vlmo
 
@@ -41,6 +44,24 @@ TASKS: dict[str, tuple[tuple[str, ...], bool]] = {
 }
 
 
+def classifier_model(config: ml_collections.ConfigDict, tokenizer, num_classes: int,
+                     pair: bool, head: str = "albef"):
+  """The classifier on the pre-trained encoders config.model describes: MultiwayClassifier on a
+  Multiway transformer (VLMo, BEiT-3: config.model.transformer) with cls_head `head`, else
+  FusionClassifier on ALBEF's encoders (ALBEF's head only)."""
+  if "transformer" in config.model:
+    return fusion_heads.MultiwayClassifier(
+        transformer=vlmo.transformer_kwargs(config, tokenizer), num_classes=num_classes,
+        pair=pair, head=head, dtype=contrastive.DTYPES[config.dtype])
+  if head != "albef":
+    raise ConfigError(f"The {head!r} classification head is built on a Multiway transformer "
+                      "(family=vlmo or beit3); config.model has no transformer.")
+  kwargs = momentum_queues.model_kwargs(config, tokenizer)
+  for unused in ("embed_dim", "temperature_init"):  # ALBEF's ITC settings
+    kwargs.pop(unused, None)
+  return fusion_heads.FusionClassifier(num_classes=num_classes, pair=pair, **kwargs)
+
+
 class FusionClassifierObjective(base.Objective):
   """Cross-entropy fine-tuning of FusionClassifier for config.task."""
 
@@ -48,22 +69,12 @@ class FusionClassifierObjective(base.Objective):
     self.task = config.get("task")
     if self.task not in TASKS:
       raise ConfigError(f"config.task={self.task!r}; the fusion classifier fine-tunes one of "
-                        f"{', '.join(TASKS)}.")
+                        f"{', '.join(TASKS)} (VQA: objective='vqa_classifier', configs/vqa.py).")
     self.label_names, self.pair = TASKS[self.task]
     self.num_classes = len(self.label_names)
     self.image_size, self.max_len = config.data.image_size, config.data.max_len
     self.tokenizer = tokenizer
-    if "transformer" in config.model:  # VLMo's Multiway transformer
-      kwargs = vlmo.model_kwargs(config, tokenizer)
-      self.model = fusion_heads.MultiwayClassifier(
-          transformer=kwargs["transformer"], num_classes=self.num_classes, pair=self.pair,
-          dtype=kwargs["dtype"])
-    else:  # ALBEF's encoders
-      kwargs = momentum_queues.model_kwargs(config, tokenizer)
-      for unused in ("embed_dim", "temperature_init"):  # ALBEF's ITC settings
-        kwargs.pop(unused, None)
-      self.model = fusion_heads.FusionClassifier(num_classes=self.num_classes, pair=self.pair,
-                                                 **kwargs)
+    self.model = classifier_model(config, tokenizer, self.num_classes, self.pair)
 
   def batch_fields(self) -> dict[str, base.BatchField]:
     fields = super().batch_fields()
