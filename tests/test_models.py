@@ -389,3 +389,34 @@ def test_cudnn_attention_where_it_does_not_apply_is_an_error_naming_why():
   with pytest.raises(ConfigError, match=r"layers.attention='cudnn'.*backend is cpu.*float32.*"
                                         r"position bias"):
     layers.fused_attention_implementation("cudnn", "cpu", jnp.float32, 64, True)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, n", [
+    ((4, 6, 8), (8, 5), 1),          # Dense on [B, L, D]
+    ((4, 6, 8), (8, 2, 3), 1),       # a query projection to [heads, head_dim]
+    ((4, 6, 2, 3), (2, 3, 8), 2),    # the output projection from [heads, head_dim]
+    ((5, 8), (8, 5), 1),             # already 2-D
+])
+def test_matmul_dot_general_is_dot_general(x_shape, w_shape, n):
+  """The 2-D form of a layer's dot gives lax.dot_general's values and gradients."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+  dims = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
+  cot = jnp.asarray(rng.normal(size=x_shape[:x.ndim - n] + w_shape[n:]), jnp.float32)
+
+  def loss(dot):
+    return lambda x, w: jnp.sum(dot(x, w, dims) * cot)
+
+  got = layers.matmul_dot_general(x, w, dims)
+  want = jax.lax.dot_general(x, w, dims)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  for g, r in zip(jax.grad(loss(layers.matmul_dot_general), argnums=(0, 1))(x, w),
+                  jax.grad(loss(jax.lax.dot_general), argnums=(0, 1))(x, w)):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+  # A contraction that is not a layer's (a batch dim) is passed to lax.dot_general as it is.
+  batched = (((2,), (1,)), ((0,), (0,)))
+  a, b = jnp.ones((3, 4, 5)), jnp.ones((3, 5, 2))
+  np.testing.assert_array_equal(layers.matmul_dot_general(a, b, batched),
+                                jax.lax.dot_general(a, b, batched))

@@ -82,6 +82,30 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+def matmul_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
+                       preferred_element_type=None) -> Array:
+  """lax.dot_general for a layer's `x [..., in...] . kernel [in..., out...]`, computed as ONE
+  2-D matmul [prod(...), prod(in)] x [prod(in), prod(out)] (reshapes of contiguous arrays,
+  free), then reshaped back. Any other contraction goes to lax.dot_general as it is.
+
+  Same products, same sums; only the shapes XLA is given change. Why: JAX's transpose of a
+  dot whose lhs has several free dims gives XLA's CPU backend a kernel-gradient dot it lays out
+  badly (a transposed copy of the cotangent and a slow strided matmul): a Dense on [B, L, D]
+  trained 2.5x slower than the same Dense on [B * L, D] (docs/scale.md, "On the CPU").
+  """
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  n = len(lhs_contract)
+  if (lhs_batch or rhs_batch or lhs.ndim - n < 1 or preferred_element_type is not None
+      or tuple(lhs_contract) != tuple(range(lhs.ndim - n, lhs.ndim))
+      or tuple(rhs_contract) != tuple(range(n))):
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  lead, out = lhs.shape[:lhs.ndim - n], rhs.shape[n:]
+  inner = int(np.prod(lhs.shape[lhs.ndim - n:]))
+  y = jax.lax.dot(lhs.reshape(-1, inner), rhs.reshape(inner, -1), precision=precision)
+  return y.reshape(lead + out)
+
+
 class MlpBlock(nn.Module):
   """Transformer MLP: Dense(mlp_dim) -> activation (ACTIVATIONS) -> dropout -> Dense(width)."""
   mlp_dim: int
@@ -95,6 +119,7 @@ class MlpBlock(nn.Module):
     width = x.shape[-1]
     x = nn.Dense(
         self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="Dense_0",
+        dot_general=matmul_dot_general,
         kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "mlp")),
         bias_init=partitioned(nn.initializers.normal(stddev=1e-6), ("mlp",)))(x)
     x = constrain(x, ("act_batch", "act_len", "act_mlp"))
@@ -104,6 +129,7 @@ class MlpBlock(nn.Module):
     x = nn.Dropout(rate=self.dropout)(x, deterministic=not train)
     x = nn.Dense(
         width, dtype=self.dtype, param_dtype=self.param_dtype, name="Dense_1",
+        dot_general=matmul_dot_general,
         kernel_init=partitioned(nn.initializers.xavier_uniform(), ("mlp", "embed")),
         bias_init=partitioned(nn.initializers.normal(stddev=1e-6), ("embed",)))(x)
     return constrain(x, ACT_SEQ)
@@ -134,8 +160,8 @@ class DenseGeneral(nn.Module):
     bias = self.param("bias", partitioned(nn.initializers.zeros, self.bias_names),
                       tuple(self.features), self.param_dtype)
     contract_x = tuple(range(x.ndim - self.in_ndim, x.ndim))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((contract_x, in_axes), ((), ())))
+    y = matmul_dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                           ((contract_x, in_axes), ((), ())))
     return y + bias.astype(self.dtype)
 
 
