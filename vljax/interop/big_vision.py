@@ -97,9 +97,8 @@ def spec_from_tensors(source: TensorFile) -> siglip.SiglipSpec:
                                               "are supported.")
   embed = _shaped(source, "txt/Embed_0/embedding", "[vocab, width]")
   txt_pos = _shaped(source, "txt/pos_embedding", "[1, length, width]")
-  # SigLIP 2 (NaFlex, or Gemma's vocabulary) pads with <pad> and lowercases; SigLIP pads with
-  # EOS.
-  siglip2 = naflex_grid is not None or embed.shape[0] == siglip.GEMMA_VOCAB_SIZE
+  # SigLIP 2 pads with <pad> and lowercases; SigLIP pads with EOS.
+  siglip2 = siglip.is_siglip2(embed.shape[0], naflex=naflex_grid is not None)
   text_head = "txt/head/kernel" in source
   image_head = "img/head/kernel" in source
   if text_head:

@@ -177,8 +177,7 @@ def spec_from_config(directory: str, config: dict[str, Any]
                         c["num_attention_heads"])
 
   naflex_grid, image_size = None, v.get("image_size")
-  # SigLIP 2: the NaFlex Siglip2Model, or a fixed-resolution SiglipModel over Gemma's vocabulary.
-  siglip2 = kind == "siglip2" or t["vocab_size"] == siglip.GEMMA_VOCAB_SIZE
+  siglip2 = siglip.is_siglip2(t["vocab_size"], naflex=kind == "siglip2")
   if kind == "siglip2":
     naflex_grid = int(round(v["num_patches"] ** 0.5))
     if naflex_grid * naflex_grid != v["num_patches"]:

@@ -266,8 +266,12 @@ HF_TEXT = "siglip_hf"
 # has 256,000 pieces.
 SIGLIP2_PAD_ID = 0
 GEMMA_VOCAB_SIZE = 256_000
-# Hugging Face's Siglip2Tokenizer (and SigLIP 2's training) only lowercases.
-HF_SIGLIP2_TEXT = "siglip2_hf"
+
+
+def is_siglip2(vocab_size: int, naflex: bool) -> bool:
+  """Whether a checkpoint is SigLIP 2 (lowercased text, <pad> padding): a NaFlex model, or a
+  fixed-resolution one over Gemma's vocabulary."""
+  return naflex or vocab_size == GEMMA_VOCAB_SIZE
 _DELETE_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
