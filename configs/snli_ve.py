@@ -95,10 +95,12 @@ def finetune(task: str, arg=None, families: tuple[str, ...] = tuple(FAMILIES), *
   c.init.path = args.init
   if args.family in MULTIWAY:
     # The fused mode runs the VL experts in the top blocks: their V and L experts (used by the
-    # image-only and text-only modes) are not part of the classifier.
+    # image-only and text-only modes) are not part of the classifier. Mapping rules see the
+    # model's layout: unrolled, the top blocks are block_{depth - vl_depth} ..; scanned
+    # (config.layers.scan), they are the stack `vlblock`.
     t = c.model.transformer
     top = "|".join(str(i) for i in range(t.depth - t.vl_depth, t.depth))
-    encoders = f"^(?!mw/block_(?:{top})/(?:ln|ffn)_[vl]/){encoders[1:]}"
+    encoders = f"^(?!mw/(?:vlblock|block_(?:{top}))/(?:ln|ffn)_[vl]/){encoders[1:]}"
   c.init.mapping = [[encoders, r"\1/"]]  # cls_head/ trains from scratch
   if args.layer_decay != 1.0:
     if args.family not in MULTIWAY:

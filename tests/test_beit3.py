@@ -96,6 +96,26 @@ def test_tokenizer_is_loaded_frozen_and_its_codes_are_the_targets(run, vqkd_run)
                                   np.where(m, codes, fusion_losses.IGNORE))
 
 
+def test_scanned_run_loads_the_unrolled_tokenizer(vqkd_run, tok):
+  # config.layers.scan scans the Multiway stack and the tokenizer's ViT alike (one layout per
+  # model), so the unrolled VQ-KD export converts as a whole and loads stacked.
+  from vljax.models import stacks  # pylint: disable=g-import-not-at-top
+  config = _config(vqkd_run[0], "layers.scan=true")
+  setup = train.build(config, tok, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]),
+                      epoch_size=None)
+  params = train.init_state(setup, seed=0).params
+  assert {"block", "vlblock"} <= set(params["mw"])
+  loaded, names = init_weights.load_initial_params(config.init, params, log=lambda _: None)
+  expected = _named(stacks.stack_layers(jax.tree.map(np.asarray, vqkd_run[2])))
+  expected = {n: v for n, v in expected.items() if n.startswith(("encoder/", "encode_task/",
+                                                                 "codebook"))}
+  assert names == sorted(f"tokenizer/{n}" for n in expected)
+  assert any("/encoderblock/" in n for n in names)
+  got = _named(loaded)
+  for name, value in expected.items():
+    np.testing.assert_array_equal(got[f"tokenizer/{name}"], value)
+
+
 def test_masking_ratios_of_the_three_views(run, tok):
   objective = run["setup"].objective
   rng = np.random.default_rng(0)

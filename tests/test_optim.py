@@ -170,6 +170,38 @@ def test_layer_wise_lr_decay():
     configlib.load_config_file(os.path.join(ROOT, "configs", "nlvr2.py:init=/w,layer_decay=0.5"))
 
 
+def test_rules_see_unrolled_names_in_a_scanned_stack():
+  # The Multiway layout (vlblock continues block's numbering): one step of the scanned tree is
+  # the stacked step of the unrolled tree, with per-layer lr decay, per-layer decay and freezing.
+  from vljax.models import stacks  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  block = lambda vl: {"ffn_v": {"kernel": rng.normal(size=(2, 3))},
+                      **({"ffn_vl": {"kernel": rng.normal(size=(2, 3))}} if vl else {})}
+  unrolled = {"mw": {"embed": rng.normal(size=(2,)),
+                     **{f"block_{k}": block(k >= 2) for k in range(3)}}, "head": np.ones(2)}
+  unrolled = jax.tree.map(lambda x: np.asarray(x, np.float32), unrolled)
+  scanned = stacks.stack_layers(unrolled)
+  assert scanned["mw"]["vlblock"]["ffn_v"]["kernel"].shape == (1, 2, 3)
+  rules = optim.layer_decay_lr_mults(0.5, 3, r"^mw/block_{}/", r"^mw/embed")
+  cfg = _cfg(lr=0.1, wd=0.3, schedule="constant", clip_norm=0.0, lr_mults=rules,
+             wd_mults=[[r"^mw/block_1/", 2.0], [r"kernel$", 1.0]], freeze=[r"^mw/block_\d+/ffn_vl/"])
+  g = jax.tree.map(lambda x: rng.normal(size=np.shape(x)).astype(np.float32), unrolled)
+  new_unrolled, _ = _one_step(cfg, g, params=jax.tree.map(jnp.asarray, unrolled))
+  new_scanned, _ = _one_step(cfg, stacks.stack_layers(g),
+                             params=jax.tree.map(jnp.asarray, scanned))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               new_scanned, stacks.stack_layers(new_unrolled))
+  assert not np.allclose(new_scanned["mw"]["block"]["ffn_v"]["kernel"][0] -
+                         scanned["mw"]["block"]["ffn_v"]["kernel"][0],
+                         new_scanned["mw"]["block"]["ffn_v"]["kernel"][1] -
+                         scanned["mw"]["block"]["ffn_v"]["kernel"][1])  # per-layer lr
+  np.testing.assert_array_equal(new_scanned["mw"]["vlblock"]["ffn_vl"]["kernel"],
+                                scanned["mw"]["vlblock"]["ffn_vl"]["kernel"])  # frozen
+  # A freeze rule that splits a scanned parameter's layers is refused, naming it.
+  with pytest.raises(configlib.ConfigError, match="'mw/block/ffn_v/kernel'"):
+    optim.frozen_mask(_cfg(freeze=[r"^mw/block_0/"]), scanned)
+
+
 def test_frozen_kernel_is_not_decayed():
   zero = jax.tree.map(jnp.zeros_like, PARAMS)
   cfg = _cfg(lr=1e-3, wd=0.1, schedule="constant", clip_norm=0.0, freeze=["^img/"])

@@ -1,7 +1,7 @@
 """Scan over layers and remat policies: the unrolled model is the reference for the scanned one.
 
 Every stack (ViT, text tower, CoCa's decoder halves, the T5 encoder / decoder / prefix-LM,
-ALBEF's text encoder and fusion layers) gives
+ALBEF's text encoder and fusion layers, the Multiway transformer of VLMo and BEiT-3) gives
 the same outputs, gradients and cached decodes from the same weights in both layouts and under
 every remat policy; the layouts convert both ways (also when config.init loads a run); the
 trainer's step is unchanged; and remat lowers XLA's temporary memory.
@@ -21,7 +21,7 @@ from vljax import checkpoint, configlib, decode, init_weights, optim, sharding, 
 from vljax.configlib import ConfigError
 from train_helpers import random_batch
 from vljax.data import tokenizer as tokenizer_lib
-from vljax.models import coca, fusion, pali, stacks, two_towers
+from vljax.models import coca, fusion, multiway, pali, stacks, two_towers
 from vljax.objectives import make_objective
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -196,6 +196,54 @@ def test_albef_text_and_fusion_layers():
   assert "fusionblock" in converted["fusion"] and "fusionblock_0" not in converted["fusion"]
 
 
+def _multiway(vl_depth, **options):
+  return multiway.Multiway(vocab_size=VOCAB, max_len=6, image_size=16, patch_size=8, width=16,
+                           depth=3, mlp_dim=32, num_heads=2, vl_depth=vl_depth, **options)
+
+
+def test_multiway_bottom_and_top_stacks():
+  # Two scanned stacks (the top block has a VL expert); every mode, values and gradients.
+  loss = lambda out: sum(jnp.mean(v ** 2) for v in jax.tree.leaves(out))
+  _, _, params, converted = _check_same_model(lambda **o: _multiway(1, **o), (IMAGES, TOKENS),
+                                              loss, dict(scan=True, remat="full"))
+  assert {k: jax.tree.leaves(converted[k])[0].shape[0] for k in ("block", "vlblock")} == {
+      "block": 2, "vlblock": 1}
+  assert "ffn_vl" in converted["vlblock"] and "ffn_vl" not in converted["block"]
+  _close(stacks.unstack_layers(converted), params, tol=0)
+  assert stacks.layout_of_paths(["mw/vlblock/ln_vl/scale"]) == "scanned"
+  assert stacks.layout_of_paths(["mw/block_2/ln_vl/scale"]) == "unrolled"
+
+
+@pytest.mark.parametrize("vl_depth", [0, 3])
+def test_multiway_with_one_kind_of_block_has_one_stack(vl_depth):
+  shapes = lambda scan: jax.tree.map(lambda x: x.shape, jax.eval_shape(
+      lambda: nn.meta.unbox(_multiway(vl_depth, scan=scan).init(jax.random.key(0), IMAGES,
+                                                                TOKENS))["params"]))
+  unrolled, scanned = shapes(False), shapes(True)
+  assert {k for k in scanned if "block" in k} == {"vlblock" if vl_depth else "block"}
+  zeros = jax.tree.map(np.zeros, unrolled, is_leaf=lambda x: isinstance(x, tuple))
+  assert jax.tree.map(np.shape, stacks.stack_layers(zeros)) == scanned
+  assert jax.tree.map(np.shape, stacks.unstack_layers(stacks.stack_layers(zeros))) == unrolled
+
+
+def test_vqkd_scans_all_three_vits():
+  # config.layers reaches VQ-KD's encoder, decoder and (frozen) teacher: one layout per model.
+  config = _tiny("vqkd", "layers.scan=true", scale="tiny,teacher=/unused")
+  objective = make_objective(config, tokenizer_lib.get_tokenizer(None))
+  shapes = jax.eval_shape(lambda: objective.init(jax.random.key(0),
+                                                 random_batch(config, objective)))
+  names = [optim.param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]]
+  stacked = {n.split("/encoderblock/")[0] for n in names if "/encoderblock/" in n}
+  assert stacked == {"encoder/Transformer", "decoder/Transformer", "teacher/Transformer"}
+  assert not any("encoderblock_" in n for n in names)
+
+
+def test_split_stack_needs_the_marked_blocks_last():
+  tree = {"block_0": {"ffn_vl": np.zeros(2)}, "block_1": {"ffn_v": np.zeros(2)}}
+  with pytest.raises(ValueError, match="not the last ones"):
+    stacks.stack_layers(tree)
+
+
 # ------------------------------------------------------------------ loading and training
 
 def _tiny(name, *overrides, scale="tiny"):
@@ -235,13 +283,16 @@ def test_init_weights_converts_between_layouts(tmp_path):
     _close(_named(loaded), expected, tol=0)
 
 
-@pytest.mark.parametrize("name", ["siglip", "coca", "pali"])
-def test_train_step_with_scan_and_remat_equals_default(name):
+# VLMo's step (the Multiway stack, its stage's optimizer rules under scan) without remat: the
+# Multiway model test above covers remat, and compiling it is what this test's time goes to.
+@pytest.mark.parametrize("name,remat", [("siglip", "full"), ("coca", "full"), ("pali", "full"),
+                                        ("vlmo", "none")])
+def test_train_step_with_scan_and_remat_equals_default(name, remat):
   tokenizer = tokenizer_lib.get_tokenizer(None)
   mesh = _one_device_mesh()
   results = {}
   start = None
-  for layers in ((False, "none"), (True, "full")):
+  for layers in ((False, "none"), (True, remat)):
     config = _tiny(name, f"layers.scan={layers[0]}", f"layers.remat={layers[1]}")
     setup = train.build(config, tokenizer, mesh, epoch_size=None)
     state = train.init_state(setup, config.seed)

@@ -15,7 +15,7 @@ from vljax.data import tokenizer as tokenizer_lib
 from vljax.models import multiway, vlmo
 from vljax.objectives import make_objective
 
-from train_helpers import check_resume_is_bit_exact, random_batches, tiny_config
+from train_helpers import check_resume_is_bit_exact, named_arrays, random_batches, tiny_config
 
 W, HEADS, DEPTH, VL = 16, 2, 3, 1
 MW = dict(vocab_size=40, max_len=6, image_size=16, patch_size=8, width=W, depth=DEPTH,
@@ -251,3 +251,35 @@ def test_resume_is_bit_exact(tmp_path):
   """VLMo (its ITM negatives mined from the batch's similarities) resumes from a checkpoint to
   the same bits as an uninterrupted run."""
   check_resume_is_bit_exact(tiny_config("vlmo"), str(tmp_path))
+
+
+def test_scanned_fine_tuning_loads_an_unrolled_run_with_layer_decay(tmp_path, tokenizer):
+  """NLVR2 on a scanned Multiway stack from an unrolled VLMo export: the layouts convert, the
+  classifier's init mapping leaves out the top blocks' V / L experts in the scanned names too,
+  and the layer-decay rules (written for unrolled blocks) build the optimizer."""
+  from vljax import checkpoint, configlib, init_weights, optim, sharding  # pylint: disable=g-import-not-at-top
+  from vljax.models import stacks  # pylint: disable=g-import-not-at-top
+  config = tiny_config("vlmo")
+  objective = make_objective(config, tokenizer)
+  batch = random_batches(config, tokenizer, 1, seed=1)[0]
+  images = jnp.asarray(batch["image"].astype(np.float32) * (2.0 / 255.0) - 1.0)
+  source = nn.meta.unbox(jax.jit(objective.init)(
+      jax.random.key(0), {"image": images, "text": jnp.asarray(batch["text"])}))
+  checkpoint.export_params(str(tmp_path), source, config.to_json())
+  finetune = configlib.load_config_file(os.path.join(
+      os.path.dirname(__file__), "..", "configs",
+      f"nlvr2.py:init={tmp_path / 'export'},family=vlmo,scale=tiny,layer_decay=0.5"))
+  finetune = configlib.apply_overrides(finetune, ["layers.scan=true"])
+  setup = train.build(finetune, tokenizer,
+                      sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]), epoch_size=None)
+  params = train.init_state(setup, seed=0).params
+  _, names = init_weights.load_initial_params(finetune.init, params, log=lambda _: None)
+  stacked = named_arrays(stacks.stack_layers(jax.tree.map(np.asarray, source)))
+  assert "mw/vlblock/ffn_vl/Dense_0/kernel" in names and "mw/block/ffn_v/Dense_0/kernel" in names
+  assert "mw/vlblock/ffn_v/Dense_0/kernel" in stacked  # in the source, not in the classifier
+  assert not any(n.startswith(("mw/vlblock/ffn_v/", "mw/vlblock/ln_l/")) for n in names)
+  assert all(n.startswith(("mw/", "pooler/")) for n in names)
+  # Block k of the tiny depth-2 stack learns at 0.5 ** (2 - k): per layer along the depth axis.
+  mults = optim._lr_multipliers(finetune.optim, params)  # pylint: disable=protected-access
+  assert mults["mw/block/ffn_v/Dense_0/kernel"] == 0.25  # the one bottom block
+  assert mults["mw/vlblock/ffn_vl/Dense_0/kernel"] == 0.5  # the one top block

@@ -32,6 +32,12 @@ Parameters are addressed by their '/'-joined path in the param tree (param_path,
                          biases, norms, embeddings, position embeddings, MAP probe or the
                          temperature/bias scalars).
 A pattern that matches no parameter is a ConfigError: a typo must not silently do nothing.
+
+The rules always see the unrolled names of layer stacks ('.../encoderblock_3/...', 'mw/block_5/'),
+whichever layout config.layers.scan gives the model: a scanned parameter (one array for all the
+layers of a stack, vljax.models.stacks) takes each layer's multiplier along its leading axis, so
+layer-wise lr decay and per-block rules mean the same in both layouts. Freezing is per array: a
+freeze rule must match every layer of a scanned parameter or none (a ConfigError otherwise).
 """
 from __future__ import annotations
 
@@ -41,9 +47,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from vljax.configlib import ConfigError
+from vljax.models import stacks
 
 SCHEDULES = ("cosine", "rsqrt", "constant", "linear")
 OPTIMIZERS = ("adamw", "adafactor")
@@ -142,24 +150,92 @@ def _names(params: Any) -> tuple[Any, list[str]]:
   return names, jax.tree.leaves(names)
 
 
+def _layer_names(params: Any) -> dict[str, list[str]]:
+  """{parameter name: the names the rules see}: [name], or for a parameter of a scanned stack
+  the unrolled name of each of its layers, in order (stacks.unstack_layers numbers them)."""
+  flat = [(param_path(p), np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+  if stacks.layout_of_paths([n for n, _ in flat]) != "scanned":
+    return {n: [n] for n, _ in flat}
+  nested = {}  # name -> an object array [depth] of (name, layer) that unstacking slices
+  for name, shape in flat:
+    *parents, leaf = name.split("/")
+    node = nested
+    for part in parents:
+      node = node.setdefault(part, {})
+    tags = np.empty(shape[:1], object)
+    for i in range(shape[0] if shape else 0):
+      tags[i] = (name, i)
+    node[leaf] = tags
+  out = {name: [name] for name, _ in flat}
+  shapes = dict(flat)
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      path = f"{prefix}{key}"
+      if isinstance(value, dict):
+        walk(value, path + "/")
+      elif isinstance(value, tuple):  # one layer of a scanned parameter
+        name, layer = value
+        if out[name] == [name]:
+          out[name] = [None] * shapes[name][0]
+        out[name][layer] = path
+  walk(stacks.unstack_layers(nested), "")
+  return out
+
+
+def _per_layer(values: list[Any], name: str) -> Any:
+  """One value for the parameter `name`, or a numpy array [depth] where its layers differ."""
+  if all(v == values[0] for v in values):
+    return values[0]
+  return np.asarray(values, np.float32)
+
+
 def frozen_mask(cfg: ml_collections.ConfigDict, params: Any) -> Any:
   """A pytree of bools like `params`: True where config.optim.freeze matches the path."""
-  names, all_names = _names(params)
+  names, _ = _names(params)
+  layer_names = _layer_names(params)
   patterns = [_compile(r, "freeze") for r in cfg.freeze]
-  _check_matches(patterns, all_names, "freeze")
-  return jax.tree.map(lambda n: any(p.search(n) for p in patterns), names)
+  _check_matches(patterns, [n for ns in layer_names.values() for n in ns], "freeze")
+
+  def frozen(name):
+    flags = {any(p.search(n) for p in patterns) for n in layer_names[name]}
+    if len(flags) > 1:
+      raise ConfigError(f"config.optim.freeze matches some layers of the scanned parameter "
+                        f"{name!r} and not others; its layers are one array (freeze all of "
+                        f"them or none, or set config.layers.scan=false).")
+    return flags.pop()
+  return jax.tree.map(frozen, names)
 
 
 def decay_multipliers(cfg: ml_collections.ConfigDict, params: Any) -> Any:
-  """A pytree of floats like `params`: each parameter's weight-decay multiplier.
+  """A pytree like `params`: each parameter's weight-decay multiplier (a float, or for a
+  scanned parameter whose layers differ a numpy array [depth]).
 
   0.0 = never decayed (no config.optim.wd_mults rule matches it, or it is frozen). Each step a
   decayed parameter shrinks by cfg.wd * multiplier * schedule(t) / cfg.lr.
   """
-  names, all_names = _names(params)
-  rules = _rules(cfg.wd_mults, "wd_mults", all_names)
+  names, _ = _names(params)
+  layer_names = _layer_names(params)
+  rules = _rules(cfg.wd_mults, "wd_mults", [n for ns in layer_names.values() for n in ns])
   frozen = frozen_mask(cfg, params)
-  return jax.tree.map(lambda n, f: 0.0 if f else _first_match(rules, n, 0.0), names, frozen)
+  return jax.tree.map(lambda n, f: 0.0 if f else _per_layer(
+      [_first_match(rules, u, 0.0) for u in layer_names[n]], n), names, frozen)
+
+
+def _lr_multipliers(cfg: ml_collections.ConfigDict, params: Any) -> dict[str, Any]:
+  """{parameter name: its lr multiplier} (a float, or an array [depth] as decay_multipliers)."""
+  layer_names = _layer_names(params)
+  rules = _rules(cfg.lr_mults, "lr_mults", [n for ns in layer_names.values() for n in ns])
+  return {name: _per_layer([_first_match(rules, u, 1.0) for u in names], name)
+          for name, names in layer_names.items()}
+
+
+def _along_layers(multiplier: Any, ndim: int) -> Any:
+  """A multiplier shaped to broadcast against its parameter: an array [depth] (per layer of a
+  scanned parameter) as [depth, 1, ...]; a float as it is."""
+  if np.ndim(multiplier) == 0:
+    return multiplier
+  return jnp.asarray(multiplier).reshape((-1,) + (1,) * (ndim - 1))
 
 
 class ScaleAndDecayState(NamedTuple):
@@ -167,8 +243,8 @@ class ScaleAndDecayState(NamedTuple):
 
 
 def _scale_and_decay(schedule: optax.Schedule, peak_lr: float, wd: float,
-                     lr_mult: dict[str, float],
-                     wd_mult: dict[str, float]) -> optax.GradientTransformation:
+                     lr_mult: dict[str, Any],
+                     wd_mult: dict[str, Any]) -> optax.GradientTransformation:
   """-schedule(t) * lr_mult * update - wd * wd_mult * s(t) * param, by parameter path.
 
   Multipliers are looked up by path rather than zipped with a tree because multi_transform
@@ -186,14 +262,13 @@ def _scale_and_decay(schedule: optax.Schedule, peak_lr: float, wd: float,
 
     def one(path, u, p):
       name = param_path(path)
-      out = -lr * lr_mult[name] * u
-      decay = wd * wd_mult[name]
-      if decay:
-        out = out - decay * normalised * p
+      out = -lr * _along_layers(lr_mult[name], u.ndim) * u
+      if wd and np.any(wd_mult[name]):
+        out = out - wd * _along_layers(wd_mult[name], u.ndim) * normalised * p
       return out.astype(u.dtype)
 
     if params is None:
-      if wd and any(wd_mult.values()):
+      if wd and any(np.any(m) for m in wd_mult.values()):
         raise ValueError("Weight decay needs the params: call tx.update(grads, state, params).")
       params = updates  # stands in for the tree structure; nothing reads it without decay
     new = jax.tree_util.tree_map_with_path(one, updates, params)
@@ -326,8 +401,9 @@ def layer_decay_lr_mults(rate: float, depth: int, block: str,
 
   `block` is a regex with '{}' where the block index goes (e.g. r'^mw/block_{}/': the trailing
   '/' keeps block_1 from matching block_10); `embeddings` a regex of the embedding parameters.
-  Prepend the rules to other lr_mults (the first match wins). A scanned stack, whose blocks are
-  one stacked parameter, cannot be told apart by path: use this with unrolled stacks.
+  Prepend the rules to other lr_mults (the first match wins). The rules name unrolled blocks and
+  hold under config.layers.scan too: a scanned parameter takes each layer's rate along its
+  depth axis (module docstring).
   """
   if not 0.0 < rate <= 1.0:
     raise ConfigError(f"layer-wise lr decay rate {rate} must be in (0, 1].")
@@ -349,8 +425,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params: Any, total_steps: int
   schedule = make_schedule(cfg, total_steps, warmup_steps)
   _, all_names = _names(params)
   frozen = frozen_mask(cfg, params)
-  lr_rules = _rules(cfg.lr_mults, "lr_mults", all_names)
-  lr_mult = {n: _first_match(lr_rules, n, 1.0) for n in all_names}
+  lr_mult = _lr_multipliers(cfg, params)
   wd_mult = dict(zip(all_names, jax.tree.leaves(decay_multipliers(cfg, params))))
 
   chain = []

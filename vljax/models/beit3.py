@@ -63,7 +63,10 @@ class Beit3(nn.Module):
     if self.tokenizer is not None:
       # The tokenizer runs in float32 whatever the model's dtype: its codes are argmaxes of dot
       # products, and a lower precision would change the targets.
-      self.visual_tokenizer = vqkd.VqKd(encoder=dict(self.tokenizer["encoder"]),
+      # Its ViT takes the Multiway stack's layout (config.layers.scan): a model has one layout,
+      # which is what converts a run's parameters between the two as a whole.
+      encoder = dict(self.tokenizer["encoder"], scan=self.transformer.get("scan", False))
+      self.visual_tokenizer = vqkd.VqKd(encoder=encoder,
                                         num_codes=self.tokenizer["num_codes"],
                                         code_dim=self.tokenizer["code_dim"], name="tokenizer")
 

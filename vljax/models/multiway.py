@@ -28,6 +28,9 @@ Parameter tree (Multiway):
   block_{i}/{LayerNorm_0, MultiHeadAttention_0, ln_v, ffn_v, ln_l, ffn_l, [ln_vl, ffn_vl],
              gamma_1, gamma_2}     (ln_vl / ffn_vl only in the top vl_depth blocks)
   encoder_norm                      the final LayerNorm, shared by every mode
+Scanned (scan=True): the bottom depth - vl_depth blocks are one nn.scan named `block` and the
+top vl_depth blocks (with the VL expert) a second one named `vlblock`, each with a leading depth
+axis on its parameters (vljax.models.stacks.SPLIT_STACKS converts between the layouts).
 """
 from __future__ import annotations
 
@@ -120,6 +123,7 @@ class Multiway(nn.Module):
   layer_scale_init: float | None = 0.1
   dropout: float = 0.0
   remat: bool | str = False
+  scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -151,13 +155,23 @@ class Multiway(nn.Module):
                               (1, 1 + self.max_len, w), p)
     self.type_embedding = self.param("type_embedding", normal(0.02, (None, "embed")), (2, w), p)
     # Arguments (self, x, mask, route, num_text, train): the last three select Python control
-    # flow or static slices, so they are static under remat.
-    block_cls = stacks.block_class(MultiwayBlock, self.remat, False, (3, 4, 5))
-    self.blocks = [
-        block_cls(self.mlp_dim, self.num_heads, with_vl=i >= self.depth - self.vl_depth,
-                  layer_scale_init=self.layer_scale_init, dropout=self.dropout,
-                  dtype=self.dtype, param_dtype=p, name=f"block_{i}")
-        for i in range(self.depth)]
+    # flow or static slices, so they are static under remat (and broadcast under scan).
+    block = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                 layer_scale_init=self.layer_scale_init, dropout=self.dropout, dtype=self.dtype,
+                 param_dtype=p)
+    bottom = self.depth - self.vl_depth
+    if self.scan:
+      block_cls = stacks.block_class(stacks.scan_step(MultiwayBlock), self.remat, True,
+                                     (3, 4, 5))
+      scanned = lambda n: stacks.scanned(block_cls, n, in_axes=(nn.broadcast,) * 4)
+      # Two stacks: the top blocks' VL expert makes their parameters differ from the bottom's.
+      self.blocks = [scanned(n)(with_vl=vl, name=name, **block)
+                     for n, vl, name in ((bottom, False, "block"),
+                                         (self.vl_depth, True, "vlblock")) if n]
+    else:
+      block_cls = stacks.block_class(MultiwayBlock, self.remat, False, (3, 4, 5))
+      self.blocks = [block_cls(with_vl=i >= bottom, name=f"block_{i}", **block)
+                     for i in range(self.depth)]
     self.encoder_norm = layers.layer_norm(self.dtype, p, name="encoder_norm")
     self.embed_dropout = nn.Dropout(rate=self.dropout)
 
@@ -192,6 +206,8 @@ class Multiway(nn.Module):
     mask = padding_mask(valid)
     for block in self.blocks:
       x = block(x, mask, route, num_text, train)
+      if self.scan:  # nn.scan's (carry, per-layer outputs)
+        x = x[0]
     return self.encoder_norm(x)
 
   def image(self, images: Array, train: bool = False,

@@ -1,10 +1,12 @@
 """Layer stacks: scan over layers, named remat policies, and the two parameter layouts.
 
 Every transformer stack in vljax (layers.Encoder, CoCa's decoder halves, the T5 encoder,
-decoder and prefix-LM) runs its blocks either
+decoder and prefix-LM, ALBEF's fusion layers, the Multiway transformer; not BLIP's text blocks,
+which run in three modes and stay unrolled) runs its blocks either
 
   unrolled  a Python loop over `depth` block modules, parameters `{prefix}_0 .. {prefix}_{n-1}`
-            (prefix: 'encoderblock', 'layers', 'unimodal', 'multimodal', 'fusionblock'), or
+            (prefix: 'encoderblock', 'layers', 'unimodal', 'multimodal', 'fusionblock',
+            'block'), or
   scanned   one `nn.scan` over a single block module, parameters under `{prefix}` with a
             leading depth axis (logical name 'layers', see vljax.sharding), compiled once
             whatever the depth.
@@ -46,7 +48,16 @@ REMAT_NAMES = ("none", *REMAT_POLICIES)
 LAYERS_AXIS = "layers"
 
 # Parameter-tree names of the stacks: unrolled `{prefix}_{i}`, scanned `{prefix}`.
-STACK_PREFIXES = ("encoderblock", "layers", "unimodal", "multimodal", "fusionblock")
+STACK_PREFIXES = ("encoderblock", "layers", "unimodal", "multimodal", "fusionblock", "block",
+                  "vlblock")
+# Stacks whose unrolled blocks are not all alike. The Multiway transformer's top blocks have a
+# VL expert the bottom ones lack, so its scanned layout has two stacks: unrolled
+# `block_0 .. block_{n-1}` whose subtree has the child `ffn_vl` are stacked under `vlblock`
+# (they must be the last ones), the others under `block`; unrolled again, `vlblock`'s layers
+# are numbered on from `block`'s. {unrolled prefix: (its second stack, the child that sends
+# a block there)}.
+SPLIT_STACKS = {"block": ("vlblock", "ffn_vl")}
+_CONTINUES = {second: first for first, (second, _) in SPLIT_STACKS.items()}
 
 
 # How jax.nn.dot_product_attention runs (config.layers.attention; layers.attend applies it):
@@ -170,7 +181,8 @@ def _stacked_keys(node: dict, prefix: str) -> list[str]:
 
 def stack_layers(params: Any, prefixes: Sequence[str] = STACK_PREFIXES) -> Any:
   """Unrolled -> scanned layout: every `{prefix}_0 .. {prefix}_{n-1}` subtree becomes one
-  `{prefix}` subtree whose leaves are the layers' leaves stacked on a new leading axis.
+  `{prefix}` subtree whose leaves are the layers' leaves stacked on a new leading axis (a
+  SPLIT_STACKS prefix becomes two stacks).
 
   Works on any nested dict of arrays (numpy or jax); other keys are kept as they are.
   """
@@ -183,7 +195,7 @@ def stack_layers(params: Any, prefixes: Sequence[str] = STACK_PREFIXES) -> Any:
     if keys:
       if prefix in params:
         raise ValueError(f"Both {prefix} and {keys[0]} are present: mixed layouts.")
-      grouped[prefix] = keys
+      grouped.update(_split_stack(params, prefix, keys))
   members = {k for keys in grouped.values() for k in keys}
   for key, value in params.items():
     if key not in members:
@@ -196,18 +208,37 @@ def stack_layers(params: Any, prefixes: Sequence[str] = STACK_PREFIXES) -> Any:
   return out
 
 
+def _split_stack(params: dict, prefix: str, keys: list[str]) -> dict[str, list[str]]:
+  """{stack name: its unrolled keys}: `prefix` alone, or for a SPLIT_STACKS prefix the blocks
+  without the marking child under `prefix` and the (trailing) blocks with it under the second
+  stack."""
+  if prefix not in SPLIT_STACKS:
+    return {prefix: keys}
+  second, child = SPLIT_STACKS[prefix]
+  marked = [_is_mapping(params[k]) and child in params[k] for k in keys]
+  first = marked.index(True) if any(marked) else len(keys)
+  if not all(marked[first:]):
+    raise ValueError(f"Blocks {prefix}_* with {child!r} are not the last ones: "
+                     f"{[k for k, m in zip(keys, marked) if m]}.")
+  return {name: ks for name, ks in ((prefix, keys[:first]), (second, keys[first:])) if ks}
+
+
 def unstack_layers(params: Any, prefixes: Sequence[str] = STACK_PREFIXES) -> Any:
   """Scanned -> unrolled layout: every `{prefix}` subtree (leading depth axis) becomes
-  `{prefix}_0 .. {prefix}_{n-1}`. The inverse of stack_layers."""
+  `{prefix}_0 .. {prefix}_{n-1}` (a SPLIT_STACKS second stack continues its first stack's
+  numbering). The inverse of stack_layers."""
   if not _is_mapping(params):
     return params
   out = {}
   for key, value in params.items():
     if key in prefixes and _is_mapping(value):
-      leaves = jax.tree.leaves(value)
-      depth = leaves[0].shape[0]
+      name, first = _CONTINUES.get(key, key), 0
+      if key in _CONTINUES and _is_mapping(params.get(name)):
+        first = jax.tree.leaves(params[name])[0].shape[0]
+      depth = jax.tree.leaves(value)[0].shape[0]
       for i in range(depth):
-        out[f"{key}_{i}"] = unstack_layers(jax.tree.map(lambda x: x[i], value), prefixes)
+        out[f"{name}_{first + i}"] = unstack_layers(jax.tree.map(lambda x: x[i], value),
+                                                    prefixes)
     else:
       out[key] = unstack_layers(value, prefixes)
   return out

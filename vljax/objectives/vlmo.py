@@ -52,15 +52,11 @@ from vljax.objectives import contrastive
 
 def transformer_kwargs(config: ml_collections.ConfigDict, tokenizer) -> dict[str, Any]:
   """config.model.transformer as multiway.Multiway keyword arguments, with the tokenizer's ids,
-  the data's sizes and the remat option (VLMo and BEiT-3 share the stack)."""
+  the data's sizes and the scan / remat options (VLMo and BEiT-3 share the stack)."""
   transformer = dict(config.model.transformer.to_dict(), vocab_size=tokenizer.vocab_size,
                      pad_id=tokenizer.pad_id, max_len=config.data.max_len,
                      image_size=config.data.image_size)
-  layer_options = stacks.check_layers_config(config.get("layers"))
-  if layer_options["scan"]:
-    raise ConfigError("config.layers.scan=True: the Multiway stack (VLMo, BEiT-3) is not "
-                      "scanned yet (its top blocks differ from the bottom ones); use false.")
-  transformer["remat"] = layer_options["remat"]
+  transformer.update(stacks.check_layers_config(config.get("layers")))
   return transformer
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from vljax.configlib import ConfigError
 from vljax.models import quantizer
+from vljax.models import stacks
 from vljax.models import vqkd
 from vljax.objectives import base
 from vljax.objectives import contrastive
@@ -61,8 +62,12 @@ class VqKdObjective(base.Objective):
                         "fraction of the uniform usage 1/K; 0 never restarts).")
     self.commitment = float(loss.commitment)
     self.teacher_width = vqkd.teacher_width(model.teacher)
-    self.model = vqkd.VqKd(encoder=dict(model.encoder), decoder=dict(model.decoder),
-                           teacher=dict(model.teacher), num_codes=self.num_codes,
+    # config.layers (scan, remat) applies to all three ViTs: one layout per model (the frozen
+    # teacher's remat saves nothing, it has no backward pass).
+    options = stacks.check_layers_config(config.get("layers"))
+    self.model = vqkd.VqKd(encoder=dict(model.encoder, **options),
+                           decoder=dict(model.decoder, **options),
+                           teacher=dict(model.teacher, **options), num_codes=self.num_codes,
                            code_dim=self.code_dim, dtype=contrastive.DTYPES[config.dtype])
 
   # The batch: images only.
