@@ -42,11 +42,11 @@ def random_batch(config, objective, seed=0):
   return {name: draw(name, f) for name, f in fields.items()}
 
 
-def export_tiny_run(name, tokenizer, directory, seed=3):
+def export_tiny_run(name, tokenizer, directory, seed=3, args=""):
   """(export directory, named_arrays of its params) of a freshly initialised
-  configs/NAME.py:scale=tiny model written to DIRECTORY/export with `tokenizer`: the
+  configs/NAME.py:scale=tiny[,ARGS] model written to DIRECTORY/export with `tokenizer`: the
   pre-training run a fine-tuning test starts from."""
-  config = tiny_config(name)
+  config = tiny_config(name, args=args)
   objective = make_objective(config, tokenizer)
   params = nn.unbox(jax.jit(objective.init)(jax.random.key(seed),
                                             random_batch(config, objective)))
@@ -60,10 +60,12 @@ def random_batches(config, tokenizer, n, seed=0):
   return [random_batch(config, objective, seed=seed * 1000 + i) for i in range(n)]
 
 
-def train_steps(config, tokenizer, mesh, batches):
-  """(losses, final state, setup) of the train step run over `batches` on `mesh`."""
+def train_steps(config, tokenizer, mesh, batches, state=None):
+  """(losses, final state, setup) of the train step run over `batches` on `mesh`, from `state`
+  (donated; default: a fresh init_state)."""
   setup = train.build(config, tokenizer, mesh, epoch_size=None)
-  state = train.init_state(setup, config.seed)
+  if state is None:
+    state = train.init_state(setup, config.seed)
   step = train.make_train_step(setup, config.nan_policy)
   rng = jax.random.key(1)
   losses = []

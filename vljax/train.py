@@ -156,12 +156,17 @@ def _grad_accum_steps(config: ml_collections.ConfigDict, objective) -> int:
   if k == 1:
     return k
   name = type(objective).__name__
+  # State first: it is the deeper reason, a split alone would not let such an objective
+  # accumulate.
+  if (type(objective).loss_with_extra is not base.Objective.loss_with_extra
+      or objective.rule_updated_params):
+    raise ConfigError(f"config.grad_accum_steps={k}: {name} updates state outside the gradient "
+                      f"(TrainState.extra, rule-set parameters) from the whole step's outputs, "
+                      f"which accumulation does not produce; use 1.")
   if not (hasattr(objective, "embed") and hasattr(objective, "loss_from_embeddings")):
     raise ConfigError(f"config.grad_accum_steps={k}: {name} does not split its loss into "
-                      f"embed / loss_from_embeddings, so it cannot accumulate exactly; use 1.")
-  if type(objective).loss_with_extra is not base.Objective.loss_with_extra:
-    raise ConfigError(f"config.grad_accum_steps={k}: {name} keeps non-gradient state, which "
-                      f"accumulation does not support yet; use 1.")
+                      f"embed / loss_from_embeddings (per-example outputs and the batch-coupled "
+                      f"rest), so micro-batches cannot give the whole batch's gradient; use 1.")
   return k
 
 
@@ -323,8 +328,13 @@ def accumulated_value_and_grad(objective, params: Any, frozen: Any, batch: dict[
   3. re-run each micro-batch's forward and pull its embedding gradients back through it.
   The result equals the k = 1 gradient up to floating-point summation order; a contrastive
   loss summed over micro-batches would see only 1/k of the negatives. Memory holds one
-  micro-batch's activations; the cost is one extra forward pass per micro-batch. Micro-batch j
-  draws its dropout from fold_in(rng, j).
+  micro-batch's activations; the cost is one extra forward pass per micro-batch.
+
+  Randomness: the objective's whole_batch_inputs (a masking) are drawn once, from the whole
+  batch and `rng`, as its loss_fn draws them, and split with the batch: they are the k = 1
+  values. Dropout is not: micro-batch j draws it from fold_in(rng, j), so its masks differ from
+  the k = 1 step's (same distribution), and only a model without dropout gets the k = 1
+  gradient to rounding.
   """
   leaves, treedef = jax.tree.flatten(params)
   is_frozen = jax.tree.leaves(frozen)
@@ -334,7 +344,7 @@ def accumulated_value_and_grad(objective, params: Any, frozen: Any, batch: dict[
     it = iter(trainable_leaves)
     return jax.tree.unflatten(treedef, [x if f else next(it) for x, f in zip(leaves, is_frozen)])
 
-  micro = _micro_batches(batch, k, mesh)
+  micro = _micro_batches(objective.with_whole_batch_inputs(batch, rng), k, mesh)
   index = jnp.arange(k)
 
   def embed(trainable_leaves, micro_batch, j):

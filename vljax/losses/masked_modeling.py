@@ -90,8 +90,16 @@ def patch_pixel_targets(images: jax.Array, patch: int) -> jax.Array:
   return (x - mean) / jnp.sqrt(var + 1e-6)
 
 
-def masked_patch_loss(predictions: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean over masked patches of the per-patch mean squared error (float32 scalar)."""
+def per_example_patch_terms(predictions: jax.Array, targets: jax.Array,
+                            mask: jax.Array) -> dict[str, jax.Array]:
+  """Each example's summed per-patch mean squared error over its masked patches ('loss') and
+  their number ('count'), float32 [B]: sums that add up over any split of the batch."""
   err = jnp.mean(jnp.square(predictions.astype(jnp.float32) - targets), axis=-1)
   mask = mask.astype(jnp.float32)
-  return jnp.sum(err * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return {"loss": jnp.sum(err * mask, axis=1), "count": jnp.sum(mask, axis=1)}
+
+
+def masked_patch_loss(predictions: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean over masked patches of the per-patch mean squared error (float32 scalar)."""
+  terms = per_example_patch_terms(predictions, targets, mask)
+  return jnp.sum(terms["loss"]) / jnp.maximum(jnp.sum(terms["count"]), 1.0)

@@ -20,6 +20,19 @@ what the objective declares, and never names a batch key or a family:
                                plain: the trainer calls it again with the loaded weights when a
                                run starts from config.init, so a momentum copy starts from them.
   loss_fn(params, batch, rng)  (scalar loss, {name: scalar metric}) for objectives without state.
+  embed(params, batch, rng), loss_from_embeddings(params, embeddings, rng)
+                               optional: the split that config.grad_accum_steps > 1 needs
+                               (vljax.train.accumulated_value_and_grad). `embed` gives the
+                               per-example outputs (float arrays with a leading batch dimension:
+                               embeddings, summed losses and their counts), the other the
+                               batch-coupled rest as (loss, metrics); loss_fn is the two composed.
+  whole_batch_inputs(batch, rng)
+                               {name: pytree of per-example arrays} drawn once per step from the
+                               WHOLE batch and the step's key (a random masking). Accumulation
+                               draws them before it splits the batch and merges them into it
+                               (with_whole_batch_inputs), so they are split with it; loss_fn
+                               draws them the same way, so they do not depend on
+                               grad_accum_steps. The default draws nothing ({}).
   loss_with_extra(params, extra, batch, rng)
                                (loss, (metrics, outputs)): the general form the trainer calls;
                                `extra` enters as a constant (no gradient flows into it) and
@@ -126,6 +139,21 @@ class Objective:
 
   def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
     raise NotImplementedError
+
+  def whole_batch_inputs(self, batch: dict[str, jax.Array], rng: jax.Array) -> dict[str, Any]:
+    del batch, rng
+    return {}
+
+  def with_whole_batch_inputs(self, batch: dict[str, jax.Array],
+                              rng: jax.Array) -> dict[str, Any]:
+    """`batch` with whole_batch_inputs(batch, rng) added: what embed sees, in one batch or
+    split into micro-batches."""
+    drawn = self.whole_batch_inputs(batch, rng)
+    clash = sorted(set(drawn) & set(batch))
+    if clash:
+      raise ValueError(f"{type(self).__name__}.whole_batch_inputs returns {clash}, which the "
+                       "batch already has.")
+    return {**batch, **drawn}
 
   def loss_with_extra(self, params: Any, extra: Any, batch: dict[str, jax.Array],
                       rng: jax.Array):

@@ -14,10 +14,10 @@ images and texts from their own corpora; the data here has pairs only):
   loss = image_mim_weight * image_mim + text_mlm_weight * text_mlm
          + pair_mlm_weight * pair_mlm + pair_mim_weight * pair_mim        (1 each by default)
 
-every term the mean cross-entropy over its masked positions (losses.fusion.mlm_loss). The
-visual tokens are the codes VqKd.tokenize gives for the unmasked images, computed once per step
-and shared by both image views; the tokenizer (params tokenizer/...) is frozen by the config
-and its output is a constant, so the step runs its forward once and no backward through it.
+every term the mean cross-entropy over its masked positions of the whole batch. The visual
+tokens are the codes VqKd.tokenize gives for the unmasked images, computed once per step and
+shared by both image views; the tokenizer (params tokenizer/...) is frozen by the config and
+its output is a constant, so the step runs its forward once and no backward through it.
 
 Without a tokenizer (no config.model.tokenizer: configs/beit3.py without tokenizer=DIR) the two
 MIM terms fall back to normalised-pixel targets: the mean squared error of each masked patch's
@@ -25,9 +25,15 @@ per-patch-normalised pixels (losses.masked_modeling, as VLMo's image stage), wit
 metric; a warning says so when the objective is built.
 
 Metrics: {image_mim, text_mlm, pair_mlm, pair_mim}_{loss, accuracy} (accuracy: argmax over the
-masked positions). No non-gradient state; gradient accumulation is refused (the loss is not
-split into embed / loss_from_embeddings). Held-out: masked_modelling_hits gives the evaluator
+masked positions). No non-gradient state. Held-out: masked_modelling_hits gives the evaluator
 (vljax.evals.masked_modeling) each pair's hits and masked positions under fixed masks.
+
+Gradient accumulation (config.grad_accum_steps=K) is exact: the masks are drawn once per step
+for the whole batch (whole_batch_inputs, one key per example) and split with it, `embed` gives
+each example's summed losses, hits and masked-position counts (term_sums), and
+`loss_from_embeddings` divides by the whole batch's counts. The tokenizer's codes are computed
+per micro-batch, twice (the embedding pass and the pass that pulls the gradients back), still
+without a backward pass.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vljax.configlib import ConfigError
+from vljax.losses.captioning import per_example_token_terms
 from vljax.losses import fusion as fusion_losses
 from vljax.losses import masked_modeling
 from vljax.models import beit3
@@ -175,24 +182,58 @@ class Beit3Objective(base.Objective):
   def _codes(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array | None:
     return None if self.pixel_targets else self.visual_tokens(params, batch)
 
-  def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
-    k_mask, k_drop = jax.random.split(rng)
-    masks = self.masks(k_mask, batch)
-    logits = self.logits(params, batch, masks, k_drop)
+  def term_sums(self, params: Any, batch: dict[str, jax.Array], masks: dict[str, jax.Array],
+                rng: jax.Array | None = None) -> dict[str, dict[str, jax.Array]]:
+    """{term: {name: float32 [B]}}: each example's masked positions of the term ('count'), the
+    summed cross-entropy over them ('loss'; the pixel fallback: the summed per-patch squared
+    error) and, for token targets, the positions the argmax predicts ('hits'). Train mode when
+    `rng` is given. Sums, so they add up over any split of the batch."""
+    logits = self.logits(params, batch, masks, rng)
     labels = self.labels(self._codes(params, batch), masks)
     pixels = (masked_modeling.patch_pixel_targets(batch["image"], self.patch)
               if self.pixel_targets else None)
-    loss, metrics = 0.0, {}
+    sums = {}
     for term in TERMS:
       if term in labels:
-        value = fusion_losses.mlm_loss(logits[term], labels[term])
-        metrics[f"{term}_accuracy"] = vlmo.masked_accuracy(logits[term], labels[term])
+        chosen = labels[term] >= 0
+        terms = per_example_token_terms(logits[term], jnp.maximum(labels[term], 0), chosen)
+        sums[term] = {"loss": terms["nll"], "count": terms["tokens"], "hits": terms["correct"]}
       else:  # the pixel fallback
-        value = masked_modeling.masked_patch_loss(logits[term], pixels,
-                                                  masks[MIM_PATCHES[term]])
+        sums[term] = masked_modeling.per_example_patch_terms(logits[term], pixels,
+                                                             masks[MIM_PATCHES[term]])
+    return sums
+
+  def whole_batch_inputs(self, batch: dict[str, jax.Array],
+                         rng: jax.Array) -> dict[str, Any]:
+    """{'masks': the step's masking of the whole batch}, from the first half of `rng`'s split
+    (the second is embed's dropout): the same masks in one batch or in micro-batches."""
+    return {"masks": self.masks(jax.random.split(rng)[0], batch)}
+
+  def embed(self, params: Any, batch: dict[str, jax.Array],
+            rng: jax.Array) -> dict[str, dict[str, jax.Array]]:
+    """The per-example part of the loss, term_sums under batch['masks'] (whole_batch_inputs;
+    the batch must hold them)."""
+    return self.term_sums(params, batch, batch["masks"], jax.random.split(rng)[1])
+
+  def loss_from_embeddings(self, params: Any, embeddings: dict[str, dict[str, jax.Array]],
+                           rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The weighted sum of the terms, each a mean over its masked positions of the whole
+    batch, and their accuracies."""
+    del params, rng
+    loss, metrics = 0.0, {}
+    for term in TERMS:
+      sums = embeddings[term]
+      count = jnp.maximum(jnp.sum(sums["count"]), 1.0)
+      value = jnp.sum(sums["loss"]) / count
+      if "hits" in sums:  # pixel regression has no accuracy
+        metrics[f"{term}_accuracy"] = jnp.sum(sums["hits"]) / count
       loss += self.weights[term] * value
       metrics[f"{term}_loss"] = value
     return loss, metrics
+
+  def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
+    batch = self.with_whole_batch_inputs(batch, rng)
+    return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng)
 
   # Held-out evaluation (vljax.evals.masked_modeling).
 
@@ -204,12 +245,6 @@ class Beit3Objective(base.Objective):
     evaluation, in any batch)."""
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(EVAL_SEED), i))(example_ids)
     batch = {"image": images, "text": tokens}
-    masks = self.example_masks(keys, tokens)
-    logits = self.logits(params, batch, masks)
-    labels = self.labels(self._codes(params, batch), masks)
-    columns = []
-    for term in self.TERMS:
-      chosen = labels[term] >= 0
-      hits = (jnp.argmax(logits[term], -1) == labels[term]) & chosen
-      columns += [jnp.sum(hits, axis=1), jnp.sum(chosen, axis=1)]
-    return jnp.stack(columns, axis=1).astype(jnp.float32)
+    sums = self.term_sums(params, batch, self.example_masks(keys, tokens))
+    return jnp.stack([sums[term][key] for term in self.TERMS for key in ("hits", "count")],
+                     axis=1)

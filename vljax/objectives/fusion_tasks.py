@@ -18,6 +18,10 @@ vljax.objectives.vqa_classifier (it shares classifier_model).
 Batch: 'image' (+ 'brightness'), for nlvr2 'image2' (+ 'brightness2'), 'text' [max_len] int32
 (the hypothesis or statement) and 'label' int32 (a label outside [0, num_classes) is left out
 of the loss and the accuracy).
+
+The loss is split into a per-example `embed` and the batch-wide mean `loss_from_embeddings`, so
+config.grad_accum_steps=K gives the whole batch's gradient (vljax.train); the mean runs over the
+counted labels of the whole batch, not of each micro-batch.
 """
 from __future__ import annotations
 
@@ -104,13 +108,27 @@ class FusionClassifierObjective(base.Objective):
     """[B, num_classes] float32 logits (no dropout); `images2` for nlvr2."""
     return self.model.apply({"params": params}, images, tokens, images2)
 
-  def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
+  def embed(self, params: Any, batch: dict[str, jax.Array],
+            rng: jax.Array) -> dict[str, jax.Array]:
+    """The per-example part of the loss, float32 [B]: 'loss' the cross-entropy (0 for a label
+    left out), 'valid' 1 where the label counts, 'correct' 1 where it counts and the argmax
+    hits it."""
     logits = self.model.apply({"params": params}, batch["image"], batch["text"],
                               self._images2(batch), train=True, rngs={"dropout": rng})
     labels = batch["label"]
     valid = (labels >= 0) & (labels < self.num_classes)
-    count = jnp.maximum(jnp.sum(valid), 1).astype(jnp.float32)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
-    loss = jnp.sum(jnp.where(valid, losses, 0.0)) / count
     correct = (jnp.argmax(logits, axis=-1) == labels) & valid
-    return loss, {"accuracy": jnp.sum(correct) / count}
+    return {"loss": jnp.where(valid, losses, 0.0), "valid": valid.astype(jnp.float32),
+            "correct": correct.astype(jnp.float32)}
+
+  def loss_from_embeddings(self, params: Any, embeddings: dict[str, jax.Array],
+                           rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The means over every counted label of the batch: loss and accuracy."""
+    del params, rng
+    count = jnp.maximum(jnp.sum(embeddings["valid"]), 1.0)
+    return (jnp.sum(embeddings["loss"]) / count,
+            {"accuracy": jnp.sum(embeddings["correct"]) / count})
+
+  def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
+    return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng)

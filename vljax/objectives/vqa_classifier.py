@@ -22,7 +22,9 @@ collated or scored.
 
 Batch: 'image' (+ 'brightness'), 'text' [max_len] int32 (the question), 'answer_scores' [K]
 float32. Training metrics: 'vqa_score' (the soft score of each question's top answer, VLMo's
-training VQAScore) and 'in_vocabulary' (the share of questions with a non-zero target).
+training VQAScore) and 'in_vocabulary' (the share of questions with a non-zero target). The loss
+is split into a per-question `embed` and the batch mean `loss_from_embeddings`, so
+config.grad_accum_steps=K gives the whole batch's gradient (vljax.train).
 """
 from __future__ import annotations
 
@@ -171,12 +173,24 @@ class VqaClassifierObjective(base.Objective):
     """[B, K] float32 answer logits (no dropout)."""
     return self.model.apply({"params": params}, images, tokens)
 
-  def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
+  def embed(self, params: Any, batch: dict[str, jax.Array],
+            rng: jax.Array) -> dict[str, jax.Array]:
+    """The per-question part of the loss, float32 [B]: 'bce' (soft_score_bce), 'top_score' the
+    soft score of the top answer, 'in_vocabulary' 1 where the target is not all zero."""
     logits = self.model.apply({"params": params}, batch["image"], batch["text"], train=True,
                               rngs={"dropout": rng})
     scores = batch["answer_scores"]
-    loss = jnp.mean(soft_score_bce(logits, scores))
     top = jnp.argmax(logits, axis=-1)
-    top_score = jnp.take_along_axis(scores, top[:, None], axis=-1)[:, 0]
-    return loss, {"vqa_score": jnp.mean(top_score),
-                  "in_vocabulary": jnp.mean(jnp.any(scores > 0, axis=-1))}
+    return {"bce": soft_score_bce(logits, scores),
+            "top_score": jnp.take_along_axis(scores, top[:, None], axis=-1)[:, 0],
+            "in_vocabulary": jnp.any(scores > 0, axis=-1).astype(jnp.float32)}
+
+  def loss_from_embeddings(self, params: Any, embeddings: dict[str, jax.Array],
+                           rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The means over every question of the batch."""
+    del params, rng
+    return jnp.mean(embeddings["bce"]), {"vqa_score": jnp.mean(embeddings["top_score"]),
+                                         "in_vocabulary": jnp.mean(embeddings["in_vocabulary"])}
+
+  def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
+    return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng)
