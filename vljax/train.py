@@ -330,6 +330,12 @@ def accumulated_value_and_grad(objective, params: Any, frozen: Any, batch: dict[
   loss summed over micro-batches would see only 1/k of the negatives. Memory holds one
   micro-batch's activations; the cost is one extra forward pass per micro-batch.
 
+  An objective with a gathered_loss (a term over pairs chosen from the whole batch's embeddings:
+  VLMo's ITM hard negatives) draws the pairs after step 2 from the whole batch's embeddings
+  (embedding_inputs), and step 3 also takes each micro-batch's share of that term, its value
+  and its gradient (the partners' raw inputs gathered from the whole batch): the shares are
+  normalised by the whole batch's counts, so they add up to the k = 1 term.
+
   Randomness: the objective's whole_batch_inputs (a masking) are drawn once, from the whole
   batch and `rng`, as its loss_fn draws them, and split with the batch: they are the k = 1
   values. Dropout is not: micro-batch j draws it from fold_in(rng, j), so its masks differ from
@@ -344,7 +350,8 @@ def accumulated_value_and_grad(objective, params: Any, frozen: Any, batch: dict[
     it = iter(trainable_leaves)
     return jax.tree.unflatten(treedef, [x if f else next(it) for x, f in zip(leaves, is_frozen)])
 
-  micro = _micro_batches(objective.with_whole_batch_inputs(batch, rng), k, mesh)
+  batch = objective.with_whole_batch_inputs(batch, rng)
+  micro = _micro_batches(batch, k, mesh)
   index = jnp.arange(k)
 
   def embed(trainable_leaves, micro_batch, j):
@@ -355,14 +362,28 @@ def accumulated_value_and_grad(objective, params: Any, frozen: Any, batch: dict[
   (loss, metrics), (grads, embedding_grads) = jax.value_and_grad(
       lambda t, e: objective.loss_from_embeddings(full(t), e, rng), argnums=(0, 1),
       has_aux=True)(trainable, embeddings)
+  chosen = objective.embedding_inputs(full(trainable), embeddings, rng)
+  batch = {**batch, **chosen}
+  micro = {**micro, **_micro_batches(chosen, k, mesh)}
+
+  def micro_outputs(t, micro_batch, j):
+    """(embeddings, gathered share of the loss) of micro-batch j, and the share's metrics."""
+    share = objective.gathered_loss(full(t), micro_batch, batch, jax.random.fold_in(rng, j))
+    share = (jnp.zeros((), jnp.float32), {}) if share is None else share
+    return (embed(t, micro_batch, j), share[0]), share[1]
 
   def pull_back(total, xs):
     micro_batch, micro_grads, j = xs
-    _, vjp = jax.vjp(lambda t: embed(t, micro_batch, j), trainable)
-    return jax.tree.map(jnp.add, total, vjp(micro_grads)[0]), None
+    (_, share), vjp, share_metrics = jax.vjp(lambda t: micro_outputs(t, micro_batch, j),
+                                             trainable, has_aux=True)
+    step = vjp((micro_grads, jnp.ones_like(share)))[0]
+    return jax.tree.map(jnp.add, total, step), (share, share_metrics)
 
-  grads, _ = jax.lax.scan(pull_back, grads,
-                          (micro, _micro_batches(embedding_grads, k, mesh), index))
+  grads, (shares, share_metrics) = jax.lax.scan(
+      pull_back, grads, (micro, _micro_batches(embedding_grads, k, mesh), index))
+  # Each share is normalised by the whole batch's counts: their sum is the term.
+  loss = loss + jnp.sum(shares)
+  metrics = {**metrics, **jax.tree.map(lambda x: jnp.sum(x, axis=0), share_metrics)}
   it = iter(grads)
   grads = [jnp.zeros_like(x) if f else next(it) for x, f in zip(leaves, is_frozen)]
   return (loss, metrics), jax.tree.unflatten(treedef, grads)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from vljax.losses.captioning import per_example_token_terms
 from vljax.losses.contrastive import (_as_scalar, _batch_mesh, _check_divisible,
                                       _check_embeddings, _dot_t, _place, _sharded)
 
@@ -439,6 +440,19 @@ def mask_tokens(key: jax.Array, tokens: jax.Array, *, mask_id: int, vocab_size: 
                      jnp.where(to_random, random_ids, tokens))
   labels = jnp.where(chosen, tokens.astype(jnp.int32), IGNORE)
   return inputs, labels
+
+
+def per_example_mlm_terms(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+  """Each example's masked-token sums, float32 [B]: 'loss' the cross-entropy summed over its
+  chosen positions (label >= 0), 'count' their number, 'hits' those the argmax gets right.
+  Sums add up over any split of the batch (gradient accumulation); the hard part of mlm_loss is
+  sum(loss) / max(sum(count), 1) over the batch.
+
+  Args:
+    logits: [B, L, V]; labels: [B, L] int, negative (IGNORE) where not chosen.
+  """
+  terms = per_example_token_terms(logits, jnp.maximum(labels, 0), labels >= 0)
+  return {"loss": terms["nll"], "count": terms["tokens"], "hits": terms["correct"]}
 
 
 def mlm_loss(logits: jax.Array, labels: jax.Array, soft_targets: jax.Array | None = None,

@@ -33,6 +33,18 @@ what the objective declares, and never names a batch key or a family:
                                (with_whole_batch_inputs), so they are split with it; loss_fn
                                draws them the same way, so they do not depend on
                                grad_accum_steps. The default draws nothing ({}).
+  embedding_inputs(params, embeddings, rng), gathered_loss(params, micro_batch, batch, rng)
+                               optional, for a loss term that pairs examples chosen from the
+                               whole batch's embeddings (VLMo's ITM hard negatives).
+                               embedding_inputs draws per-example arrays from the WHOLE batch's
+                               embeddings (the chosen partners' rows; no gradient), merged into
+                               the batch like whole_batch_inputs. gathered_loss is a micro-batch's
+                               share of that term, (loss, metrics) normalised by the whole
+                               batch's counts so that the shares add up to the term: its
+                               examples' pairs, with the partners' raw inputs gathered from
+                               `batch` (the whole batch). Defaults: {} and None (no such term).
+                               composed_loss(params, batch, rng) is the k = 1 loss of all these
+                               pieces, what such an objective's loss_fn returns.
   loss_with_extra(params, extra, batch, rng)
                                (loss, (metrics, outputs)): the general form the trainer calls;
                                `extra` enters as a constant (no gradient flows into it) and
@@ -154,6 +166,29 @@ class Objective:
       raise ValueError(f"{type(self).__name__}.whole_batch_inputs returns {clash}, which the "
                        "batch already has.")
     return {**batch, **drawn}
+
+  def embedding_inputs(self, params: Any, embeddings: Any, rng: jax.Array) -> dict[str, Any]:
+    del params, embeddings, rng
+    return {}
+
+  def gathered_loss(self, params: Any, micro_batch: dict[str, jax.Array],
+                    batch: dict[str, jax.Array], rng: jax.Array):
+    del params, micro_batch, batch, rng
+    return None
+
+  def composed_loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
+    """(loss, metrics) of the whole batch from the accumulation pieces, as one micro-batch:
+    whole_batch_inputs, embed, loss_from_embeddings, then embedding_inputs and gathered_loss.
+    The accumulated step (vljax.train) runs the same pieces on k micro-batches."""
+    batch = self.with_whole_batch_inputs(batch, rng)
+    embeddings = self.embed(params, batch, rng)
+    loss, metrics = self.loss_from_embeddings(params, embeddings, rng)
+    batch = {**batch, **self.embedding_inputs(params, embeddings, rng)}
+    share = self.gathered_loss(params, batch, batch, rng)
+    if share is not None:
+      loss = loss + share[0]
+      metrics = {**metrics, **share[1]}
+    return loss, metrics
 
   def loss_with_extra(self, params: Any, extra: Any, batch: dict[str, jax.Array],
                       rng: jax.Array):

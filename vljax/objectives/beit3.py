@@ -45,7 +45,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from vljax.configlib import ConfigError
-from vljax.losses.captioning import per_example_token_terms
 from vljax.losses import fusion as fusion_losses
 from vljax.losses import masked_modeling
 from vljax.models import beit3
@@ -195,9 +194,7 @@ class Beit3Objective(base.Objective):
     sums = {}
     for term in TERMS:
       if term in labels:
-        chosen = labels[term] >= 0
-        terms = per_example_token_terms(logits[term], jnp.maximum(labels[term], 0), chosen)
-        sums[term] = {"loss": terms["nll"], "count": terms["tokens"], "hits": terms["correct"]}
+        sums[term] = fusion_losses.per_example_mlm_terms(logits[term], labels[term])
       else:  # the pixel fallback
         sums[term] = masked_modeling.per_example_patch_terms(logits[term], pixels,
                                                              masks[MIM_PATCHES[term]])
@@ -232,8 +229,7 @@ class Beit3Objective(base.Objective):
     return loss, metrics
 
   def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
-    batch = self.with_whole_batch_inputs(batch, rng)
-    return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng)
+    return self.composed_loss(params, batch, rng)
 
   # Held-out evaluation (vljax.evals.masked_modeling).
 

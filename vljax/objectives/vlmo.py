@@ -26,8 +26,10 @@ The image-text stage:
        chosen), the masked caption fused with its own image, cross-entropy at the chosen
        positions.
 
-No non-gradient state. Gradient accumulation is refused (ITC and the hard negatives couple the
-batch and the loss is not split into embed / loss_from_embeddings).
+No non-gradient state. Gradient accumulation (config.grad_accum_steps=K) is exact in every stage
+(the loss is split into the pieces of vljax.objectives.base): the masks are drawn once for the
+whole batch, ITC and every mean run over the whole batch, and ITM's hard negatives are drawn
+from the whole batch's ITC features and fused with their partners' inputs gathered from it.
 
 For retrieval, encode_image_tokens (the image embeddings the fused mode takes) and itm_scores
 let the evaluator re-rank the dual encoder's candidates in fused mode (vljax.evals.rerank).
@@ -103,56 +105,112 @@ class VlmoObjective(base.Objective):
     """(masked tokens, labels) [B, L] (80/10/10 of config.loss.mlm_prob of the real tokens)."""
     return mask_text(key, tokens, self.vocab_size, self.special_ids, self.loss_cfg.mlm_prob)
 
+  # The loss, in the pieces exact gradient accumulation needs (vljax.objectives.base): the
+  # masks are drawn for the whole batch, each example's MIM / MLM sums and its ITC features
+  # are per-example, ITC and the means over the batch's masked positions are batch-wide, and
+  # ITM's hard negatives, drawn from the whole batch's ITC features, are the gathered term.
+  # The keys are those the stage has always used: k_mask, k_drop = split(rng) in the unimodal
+  # stages, k_neg, k_mask, k_drop = split(rng, 3) in the image-text stage.
+
   def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
-    return {"image": self.image_stage_loss, "text": self.text_stage_loss,
-            "image_text": self.image_text_loss}[self.stage](params, batch, rng)
+    return self.composed_loss(params, batch, rng)
 
-  def image_stage_loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
+  def _keys(self, rng: jax.Array) -> dict[str, jax.Array]:
+    if self.stage == "image_text":
+      k_neg, k_mask, k_drop = jax.random.split(rng, 3)
+      return {"neg": k_neg, "mask": k_mask,
+              **dict(zip(("img", "txt", "itm", "mlm"), jax.random.split(k_drop, 4)))}
     k_mask, k_drop = jax.random.split(rng)
-    images = batch["image"]
-    mask = masked_modeling.blockwise_patch_masks(k_mask, images.shape[0], self.grid,
-                                                 self.num_masked)
-    predictions = self._apply(params, vlmo.Vlmo.mim_predictions, images, mask, rng=k_drop,
-                              train=True)
-    targets = masked_modeling.patch_pixel_targets(images, self.patch)
-    mim = masked_modeling.masked_patch_loss(predictions, targets, mask)
-    return mim, {"mim_loss": mim, "masked_fraction": jnp.mean(mask.astype(jnp.float32))}
+    return {"mask": k_mask, "drop": k_drop}
 
-  def text_stage_loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
-    k_mask, k_drop = jax.random.split(rng)
-    masked, labels = self.mlm_inputs(k_mask, batch["text"])
-    logits = self._apply(params, vlmo.Vlmo.text_mlm_logits, masked, rng=k_drop, train=True)
-    mlm = fusion_losses.mlm_loss(logits, labels)
-    return mlm, {"mlm_loss": mlm, "mlm_accuracy": masked_accuracy(logits, labels)}
+  def whole_batch_inputs(self, batch: dict[str, jax.Array], rng: jax.Array) -> dict[str, Any]:
+    """The step's masking of the whole batch: the image stage's patch masks [B, n], else the
+    masked captions and their MLM labels [B, L]."""
+    key = self._keys(rng)["mask"]
+    if self.stage == "image":
+      return {"patch_mask": masked_modeling.blockwise_patch_masks(
+          key, batch["image"].shape[0], self.grid, self.num_masked)}
+    masked, labels = self.mlm_inputs(key, batch["text"])
+    return {"mlm_tokens": masked, "mlm_labels": labels}
 
-  def image_text_loss(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
-    k_neg, k_mask, k_drop = jax.random.split(rng, 3)
-    d_img, d_txt, d_itm, d_mlm = jax.random.split(k_drop, 4)
-    images, tokens = batch["image"], batch["text"]
-    zimg = self._apply(params, vlmo.Vlmo.encode_image, images, rng=d_img, train=True)
-    ztxt = self._apply(params, vlmo.Vlmo.encode_text, tokens, rng=d_txt, train=True)
-    scale = self._apply(params, vlmo.Vlmo.scale)
-    itc = losses.softmax_loss(zimg, ztxt, scale)
-
+  def embed(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array) -> dict[str, Any]:
+    """Per example: the masked-prediction sums ('mim' or 'mlm': loss, count[, hits]) and, in
+    the image-text stage, the ITC features 'zimg', 'ztxt'."""
+    keys = self._keys(rng)
+    images = batch.get("image")
+    if self.stage == "image":
+      predictions = self._apply(params, vlmo.Vlmo.mim_predictions, images, batch["patch_mask"],
+                                rng=keys["drop"], train=True)
+      return {"mim": masked_modeling.per_example_patch_terms(
+          predictions, masked_modeling.patch_pixel_targets(images, self.patch),
+          batch["patch_mask"])}
+    if self.stage == "text":
+      logits = self._apply(params, vlmo.Vlmo.text_mlm_logits, batch["mlm_tokens"],
+                           rng=keys["drop"], train=True)
+      return {"mlm": fusion_losses.per_example_mlm_terms(logits, batch["mlm_labels"])}
     embeds = self._apply(params, vlmo.Vlmo.embed_image, images)
-    neg_text, neg_image = fusion_losses.sample_hard_negatives(k_neg, zimg, ztxt, 1.0 / scale)
-    image_idx, text_idx, labels = fusion_losses.itm_layout(neg_text, neg_image)
-    itm_logits = self._apply(params, vlmo.Vlmo.itm_logits, jnp.take(embeds, image_idx, axis=0),
-                             jnp.take(tokens, text_idx, axis=0), rng=d_itm, train=True)
-    itm = fusion_losses.itm_loss(itm_logits, labels)
+    mlm_logits = self._apply(params, vlmo.Vlmo.mlm_logits, embeds, batch["mlm_tokens"],
+                             rng=keys["mlm"], train=True)
+    return {"zimg": self._apply(params, vlmo.Vlmo.encode_image, images, rng=keys["img"],
+                                train=True),
+            "ztxt": self._apply(params, vlmo.Vlmo.encode_text, batch["text"], rng=keys["txt"],
+                                train=True),
+            "mlm": fusion_losses.per_example_mlm_terms(mlm_logits, batch["mlm_labels"])}
 
-    masked, mlm_labels = self.mlm_inputs(k_mask, tokens)
-    mlm_logits = self._apply(params, vlmo.Vlmo.mlm_logits, embeds, masked, rng=d_mlm,
-                             train=True)
-    mlm = fusion_losses.mlm_loss(mlm_logits, mlm_labels)
+  def loss_from_embeddings(self, params: Any, embeddings: dict[str, Any],
+                           rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The batch-wide part: means over the whole batch's masked positions and, in the
+    image-text stage, ITC over every pair of the batch (weighted; ITM is gathered_loss)."""
+    del rng
+    if self.stage == "image":
+      sums = embeddings["mim"]
+      mim = jnp.sum(sums["loss"]) / jnp.maximum(jnp.sum(sums["count"]), 1.0)
+      return mim, {"mim_loss": mim,
+                   "masked_fraction": jnp.mean(sums["count"]) / (self.grid[0] * self.grid[1])}
+    sums = embeddings["mlm"]
+    count = jnp.maximum(jnp.sum(sums["count"]), 1.0)
+    mlm, metrics = jnp.sum(sums["loss"]) / count, {"mlm_accuracy": jnp.sum(sums["hits"]) / count}
+    metrics["mlm_loss"] = mlm
+    if self.stage == "text":
+      return mlm, metrics
+    scale = self._apply(params, vlmo.Vlmo.scale)
+    itc = losses.softmax_loss(embeddings["zimg"], embeddings["ztxt"], scale)
+    metrics.update(itc_loss=itc, scale=scale)
+    return self.weights["itc"] * itc + self.weights["mlm"] * mlm, metrics
 
-    w = self.weights
-    loss = w["itc"] * itc + w["itm"] * itm + w["mlm"] * mlm
-    metrics = {"itc_loss": itc, "itm_loss": itm, "mlm_loss": mlm, "scale": scale,
-               "itm_accuracy": jnp.mean((jnp.argmax(itm_logits, -1) == labels)
-                                        .astype(jnp.float32)),
-               "mlm_accuracy": masked_accuracy(mlm_logits, mlm_labels)}
-    return loss, metrics
+  def embedding_inputs(self, params: Any, embeddings: dict[str, Any],
+                       rng: jax.Array) -> dict[str, jax.Array]:
+    """The image-text stage's ITM partners, drawn from the whole batch's ITC similarities:
+    'neg_text', 'neg_image' [B] (rows of the batch) and each example's own 'row'."""
+    if self.stage != "image_text":
+      return {}
+    scale = self._apply(params, vlmo.Vlmo.scale)
+    neg_text, neg_image = fusion_losses.sample_hard_negatives(
+        self._keys(rng)["neg"], embeddings["zimg"], embeddings["ztxt"], 1.0 / scale)
+    rows = jnp.arange(neg_text.shape[0], dtype=jnp.int32)
+    return {"neg_text": neg_text, "neg_image": neg_image, "row": rows}
+
+  def gathered_loss(self, params: Any, micro_batch: dict[str, jax.Array],
+                    batch: dict[str, jax.Array], rng: jax.Array):
+    """This micro-batch's share of ITM: its positives, its images with their hard negative
+    texts and its texts with their hard negative images (ALBEF's order), the partners' pixels
+    and tokens taken from the whole batch, cross-entropy and hits summed and divided by the
+    whole batch's 3N pairs (weighted by itm_weight)."""
+    if self.stage != "image_text":
+      return None
+    rows = micro_batch["row"]
+    image_idx = jnp.concatenate([rows, micro_batch["neg_image"], rows])
+    text_idx = jnp.concatenate([rows, rows, micro_batch["neg_text"]])
+    labels = jnp.concatenate([jnp.ones_like(rows), jnp.zeros_like(rows), jnp.zeros_like(rows)])
+    embeds = self._apply(params, vlmo.Vlmo.embed_image, jnp.take(batch["image"], image_idx, 0))
+    logits = self._apply(params, vlmo.Vlmo.itm_logits, embeds,
+                         jnp.take(batch["text"], text_idx, 0), rng=self._keys(rng)["itm"],
+                         train=True)
+    pairs = 3.0 * batch["row"].shape[0]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    itm = -jnp.sum(jnp.take_along_axis(logp, labels[:, None], axis=-1)) / pairs
+    hits = jnp.sum((jnp.argmax(logits, -1) == labels).astype(jnp.float32)) / pairs
+    return self.weights["itm"] * itm, {"itm_loss": itm, "itm_accuracy": hits}
 
   def embed_images(self, params: Any, images: jax.Array) -> jax.Array:
     return self._apply(params, vlmo.Vlmo.encode_image, images)
@@ -181,10 +239,3 @@ def mask_text(key: jax.Array, tokens: jax.Array, vocab_size: int, special_ids: t
   return fusion_losses.mask_tokens(
       key, tokens, mask_id=vocab_size, vocab_size=vocab_size,
       random_low=max(special_ids) + 1, special_ids=special_ids, mask_prob=prob)
-
-
-def masked_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Argmax accuracy over the chosen (label >= 0) positions, float32."""
-  chosen = labels >= 0
-  hits = jnp.sum((jnp.argmax(logits, -1) == labels) & chosen)
-  return (hits / jnp.maximum(jnp.sum(chosen), 1)).astype(jnp.float32)
