@@ -155,6 +155,25 @@ def test_loss_decreases(tokenizer):
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.5, losses
 
 
+@pytest.mark.parametrize("stage", ["image", "text"])
+def test_unimodal_stages_accumulate_exactly(stage, tokenizer):
+  """Four micro-batches give the whole batch's steps: the masks are drawn once for the whole
+  batch and the masked-prediction means run over all of its masked positions (the image-text
+  stage: tests/test_train.py)."""
+  from vljax import sharding  # pylint: disable=g-import-not-at-top
+  from train_helpers import assert_trees_close, train_steps  # pylint: disable=g-import-not-at-top
+  overrides = [f"loss.stage={stage}", "optim.freeze=[]"]
+  config = tiny_config("vlmo", *overrides)
+  batches = random_batches(config, tokenizer, 2, seed=5)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2}, devices=jax.devices()[:4])
+  start = train.init_state(train.build(config, tokenizer, mesh, epoch_size=None), config.seed)
+  losses_4, state_4, _ = train_steps(tiny_config("vlmo", *overrides, "grad_accum_steps=4"),
+                                     tokenizer, mesh, batches, jax.tree.map(jnp.copy, start))
+  losses_1, state_1, _ = train_steps(config, tokenizer, mesh, batches, start)
+  np.testing.assert_allclose(losses_4, losses_1, rtol=2e-5)
+  assert assert_trees_close(state_4.params, state_1.params, rtol=2e-4, atol=2e-6) > 10
+
+
 # ------------------------------------------------------------------ the unimodal stages
 
 def test_blockwise_masks_have_the_ratio_and_come_in_blocks():
