@@ -336,6 +336,11 @@ def test_itm_layout_is_albefs_order():
   np.testing.assert_array_equal(lab, [1, 1, 0, 0, 0, 0] * 2)
   with pytest.raises(ValueError, match="divide"):
     fusion.itm_layout(neg_text, neg_image, num_blocks=3)
+  # A micro-batch (rows 1 and 5 of a batch of 8): its own rows, its negatives' rows.
+  img, txt, lab = fusion.itm_layout(jnp.array([6, 0]), jnp.array([2, 7]), rows=jnp.array([1, 5]))
+  np.testing.assert_array_equal(img, [1, 5, 2, 7, 1, 5])
+  np.testing.assert_array_equal(txt, [1, 5, 1, 5, 6, 0])
+  np.testing.assert_array_equal(lab, [1, 1, 0, 0, 0, 0])
 
 
 def test_itm_loss_value_and_gradient():

@@ -183,8 +183,8 @@ def _layer_names(params: Any) -> dict[str, list[str]]:
   return out
 
 
-def _per_layer(values: list[Any], name: str) -> Any:
-  """One value for the parameter `name`, or a numpy array [depth] where its layers differ."""
+def _per_layer(values: list[Any]) -> Any:
+  """One value for a parameter, or a numpy array [depth] where its layers differ."""
   if all(v == values[0] for v in values):
     return values[0]
   return np.asarray(values, np.float32)
@@ -219,14 +219,14 @@ def decay_multipliers(cfg: ml_collections.ConfigDict, params: Any) -> Any:
   rules = _rules(cfg.wd_mults, "wd_mults", [n for ns in layer_names.values() for n in ns])
   frozen = frozen_mask(cfg, params)
   return jax.tree.map(lambda n, f: 0.0 if f else _per_layer(
-      [_first_match(rules, u, 0.0) for u in layer_names[n]], n), names, frozen)
+      [_first_match(rules, u, 0.0) for u in layer_names[n]]), names, frozen)
 
 
 def _lr_multipliers(cfg: ml_collections.ConfigDict, params: Any) -> dict[str, Any]:
   """{parameter name: its lr multiplier} (a float, or an array [depth] as decay_multipliers)."""
   layer_names = _layer_names(params)
   rules = _rules(cfg.lr_mults, "lr_mults", [n for ns in layer_names.values() for n in ns])
-  return {name: _per_layer([_first_match(rules, u, 1.0) for u in names], name)
+  return {name: _per_layer([_first_match(rules, u, 1.0) for u in names])
           for name, names in layer_names.items()}
 
 

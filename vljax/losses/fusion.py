@@ -332,8 +332,8 @@ def _sample_sharded(k_i2t, k_t2i, zi, zt, zi_keys, zt_keys, temp):
           _place(temp, P(), bm))
 
 
-def itm_layout(neg_text_idx: jax.Array, neg_image_idx: jax.Array,
-               num_blocks: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+def itm_layout(neg_text_idx: jax.Array, neg_image_idx: jax.Array, num_blocks: int = 1,
+               rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The 3N (image, text, label) pairs ALBEF feeds its fusion encoder and ITM head.
 
   Within a block of b = N / num_blocks examples (rows i of the block):
@@ -349,6 +349,8 @@ def itm_layout(neg_text_idx: jax.Array, neg_image_idx: jax.Array,
   Args:
     neg_text_idx, neg_image_idx: [N] int, from `sample_hard_negatives`.
     num_blocks: a divisor of N.
+    rows: [N] int, the batch rows of these examples where they are part of a larger batch
+      that the negatives index (a micro-batch of gradient accumulation); default arange(N).
 
   Returns:
     (image_idx [3N] int32, text_idx [3N] int32, labels [3N] int32), indices into the batch.
@@ -359,7 +361,7 @@ def itm_layout(neg_text_idx: jax.Array, neg_image_idx: jax.Array,
                      f"{jnp.shape(neg_text_idx)} and {jnp.shape(neg_image_idx)}.")
   if num_blocks < 1 or n % num_blocks:
     raise ValueError(f"num_blocks ({num_blocks}) must divide the batch size ({n}).")
-  ar = jnp.arange(n, dtype=jnp.int32)
+  ar = jnp.arange(n, dtype=jnp.int32) if rows is None else jnp.asarray(rows, jnp.int32)
   neg_t = jnp.asarray(neg_text_idx, jnp.int32)
   neg_i = jnp.asarray(neg_image_idx, jnp.int32)
   ones, zeros = jnp.full((n,), ITM_MATCH, jnp.int32), jnp.full((n,), 1 - ITM_MATCH, jnp.int32)

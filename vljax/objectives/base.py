@@ -25,7 +25,8 @@ what the objective declares, and never names a batch key or a family:
                                (vljax.train.accumulated_value_and_grad). `embed` gives the
                                per-example outputs (float arrays with a leading batch dimension:
                                embeddings, summed losses and their counts), the other the
-                               batch-coupled rest as (loss, metrics); loss_fn is the two composed.
+                               batch-coupled rest as (loss, metrics); the default loss_fn is the
+                               pieces composed (composed_loss).
   whole_batch_inputs(batch, rng)
                                {name: pytree of per-example arrays} drawn once per step from the
                                WHOLE batch and the step's key (a random masking). Accumulation
@@ -44,7 +45,7 @@ what the objective declares, and never names a batch key or a family:
                                examples' pairs, with the partners' raw inputs gathered from
                                `batch` (the whole batch). Defaults: {} and None (no such term).
                                composed_loss(params, batch, rng) is the k = 1 loss of all these
-                               pieces, what such an objective's loss_fn returns.
+                               pieces, what the default loss_fn returns.
   loss_with_extra(params, extra, batch, rng)
                                (loss, (metrics, outputs)): the general form the trainer calls;
                                `extra` enters as a constant (no gradient flows into it) and
@@ -150,7 +151,11 @@ class Objective:
     return {}
 
   def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
-    raise NotImplementedError
+    """An objective that splits its loss into embed / loss_from_embeddings (and the optional
+    pieces) gets composed_loss; any other implements loss_fn (or loss_with_extra) itself."""
+    if not hasattr(self, "embed"):
+      raise NotImplementedError(f"{type(self).__name__} implements neither loss_fn nor embed.")
+    return self.composed_loss(params, batch, rng)
 
   def whole_batch_inputs(self, batch: dict[str, jax.Array], rng: jax.Array) -> dict[str, Any]:
     del batch, rng

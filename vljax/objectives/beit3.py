@@ -228,9 +228,6 @@ class Beit3Objective(base.Objective):
       metrics[f"{term}_loss"] = value
     return loss, metrics
 
-  def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
-    return self.composed_loss(params, batch, rng)
-
   # Held-out evaluation (vljax.evals.masked_modeling).
 
   def masked_modelling_hits(self, params: Any, images: jax.Array, tokens: jax.Array,

@@ -157,9 +157,6 @@ class BlipVqaObjective(objectives_blip.MedDecoding, base.Objective):
     accuracy = jnp.sum(embeddings["correct"]) / jnp.maximum(jnp.sum(embeddings["tokens"]), 1.0)
     return loss, {"token_accuracy": accuracy, "answer_weight": jnp.mean(embeddings["weight"])}
 
-  def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
-    return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng)
-
   # Answering.
 
   def _apply(self, params, method, *args):

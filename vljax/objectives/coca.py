@@ -61,10 +61,6 @@ class CocaObjective(base.Objective):
     metrics.update({"contrastive_loss": con, "captioning_loss": cap, "token_accuracy": acc})
     return loss, metrics
 
-  def loss_fn(self, params: Any, batch: dict[str, jax.Array],
-              rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng)
-
   def embed_images(self, params: Any, images: jax.Array) -> jax.Array:
     return self.model.apply({"params": params}, images, method=coca.CoCa.embed_images)
 

@@ -129,6 +129,3 @@ class FusionClassifierObjective(base.Objective):
     count = jnp.maximum(jnp.sum(embeddings["valid"]), 1.0)
     return (jnp.sum(embeddings["loss"]) / count,
             {"accuracy": jnp.sum(embeddings["correct"]) / count})
-
-  def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
-    return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng)

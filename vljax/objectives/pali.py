@@ -107,10 +107,6 @@ class PaliObjective(base.Objective):
     loss, acc = reduce_token_terms(embeddings)
     return loss, {"token_accuracy": acc, "target_tokens": jnp.sum(embeddings["tokens"])}
 
-  def loss_fn(self, params: Any, batch: dict[str, jax.Array],
-              rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng)
-
   # ------------------------------------------------------------------ decoding
 
   def _mask_pad(self, logits: jax.Array) -> jax.Array:

@@ -38,10 +38,6 @@ class TwoTowersObjective(base.Objective):
     return contrastive.contrastive_loss(self.loss_cfg, embeddings["zimg"], embeddings["ztxt"],
                                         out["scale"], out.get("bias"))
 
-  def loss_fn(self, params: Any, batch: dict[str, jax.Array],
-              rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng)
-
   def embed_images(self, params: Any, images: jax.Array) -> jax.Array:
     return self.model.apply({"params": params}, images, None)[0]
 

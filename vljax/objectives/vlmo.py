@@ -112,9 +112,6 @@ class VlmoObjective(base.Objective):
   # The keys are those the stage has always used: k_mask, k_drop = split(rng) in the unimodal
   # stages, k_neg, k_mask, k_drop = split(rng, 3) in the image-text stage.
 
-  def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
-    return self.composed_loss(params, batch, rng)
-
   def _keys(self, rng: jax.Array) -> dict[str, jax.Array]:
     if self.stage == "image_text":
       k_neg, k_mask, k_drop = jax.random.split(rng, 3)
@@ -198,10 +195,8 @@ class VlmoObjective(base.Objective):
     whole batch's 3N pairs (weighted by itm_weight)."""
     if self.stage != "image_text":
       return None
-    rows = micro_batch["row"]
-    image_idx = jnp.concatenate([rows, micro_batch["neg_image"], rows])
-    text_idx = jnp.concatenate([rows, rows, micro_batch["neg_text"]])
-    labels = jnp.concatenate([jnp.ones_like(rows), jnp.zeros_like(rows), jnp.zeros_like(rows)])
+    image_idx, text_idx, labels = fusion_losses.itm_layout(
+        micro_batch["neg_text"], micro_batch["neg_image"], rows=micro_batch["row"])
     embeds = self._apply(params, vlmo.Vlmo.embed_image, jnp.take(batch["image"], image_idx, 0))
     logits = self._apply(params, vlmo.Vlmo.itm_logits, embeds,
                          jnp.take(batch["text"], text_idx, 0), rng=self._keys(rng)["itm"],

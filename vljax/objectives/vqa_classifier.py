@@ -191,6 +191,3 @@ class VqaClassifierObjective(base.Objective):
     del params, rng
     return jnp.mean(embeddings["bce"]), {"vqa_score": jnp.mean(embeddings["top_score"]),
                                          "in_vocabulary": jnp.mean(embeddings["in_vocabulary"])}
-
-  def loss_fn(self, params: Any, batch: dict[str, jax.Array], rng: jax.Array):
-    return self.loss_from_embeddings(params, self.embed(params, batch, rng), rng)
